@@ -1,0 +1,255 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted command-line overrides.
+
+The resolved config is saved with every run and checkpoint, so a checkpoint alone is enough
+to rebuild the model and sample from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"  # shapes | cifar10 | celeba | imagefolder
+    root: str = "data"
+    resolution: int = 32
+    split: str = "train"
+    hflip: bool = False
+    num_workers: int = 0
+    pin_memory: bool = False
+    download: bool = True
+    shapes_size: int = 10000  # number of distinct procedural images
+    shapes_seed: int = 0
+    celeba_attributes: list[str] = field(default_factory=list)  # class label = bits of these attributes
+
+
+@dataclass
+class TextConfig:
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    context_length: int = 32
+
+
+@dataclass
+class ModelConfig:
+    condition: str = "none"  # none | class | text
+    num_classes: int = 0  # 0 = take it from the dataset
+    cond_drop_prob: float = 0.2
+    base_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    layers_per_block: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    attention_head_dim: int = 32
+    dropout: float = 0.0
+    scale_shift_norm: bool = True
+    inpaint: bool = False
+    text: TextConfig = field(default_factory=TextConfig)
+    # Classifier and CLIP tasks reuse base_channels/channel_mult/... for their encoders.
+    pool: str = "attention"  # attention | mean (classifier head)
+    embed_dim: int = 128  # CLIP joint embedding width
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # linear | cosine
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 10000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    ema_power: float = 0.75
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    compile: bool = False
+    channels_last: bool = True
+    allow_tf32: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for the sample grids written during training (and for sample.py)."""
+
+    sampler: str = "ddim"  # ddpm | ddim | dpmsolver
+    steps: int = 50
+    guidance_scale: float = 3.0
+    num_samples: int = 16
+
+
+@dataclass
+class Config:
+    task: str = "denoiser"  # denoiser | classifier | clip
+    output_dir: str = "runs/default"
+    init_from: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("denoiser", "classifier", "clip"),
+    "data.name": ("shapes", "cifar10", "celeba", "imagefolder"),
+    "model.condition": ("none", "class", "text"),
+    "model.pool": ("attention", "mean"),
+    "diffusion.beta_schedule": ("linear", "cosine"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "sample.sampler": ("ddpm", "ddim", "dpmsolver"),
+}
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass, for error messages."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(key: str, cls: type, prefix: str) -> UserError:
+    valid = all_keys(cls, prefix)
+    near = difflib.get_close_matches(prefix + key, valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(near)}?" if near else f"valid keys: {', '.join(valid)}"
+    return UserError(f"unknown config key '{prefix}{key}': {hint}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint, allowing int -> float and list/tuple interchange."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise UserError(f"config key '{key}' expects {hint.__name__}, got {value!r}")
+        return value
+    raise UserError(f"config key '{key}' has unsupported type {hint}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build a config dataclass from nested dicts, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(key, cls, prefix)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{key}': '{part}' is not a config section")
+        node[parts[-1]] = value
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    for key, options in CHOICES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in options:
+            raise UserError(f"config key '{key}' must be one of {', '.join(options)}; got {value!r}")
+    if not 0.0 <= cfg.model.cond_drop_prob < 1.0:
+        raise UserError("config key 'model.cond_drop_prob' must be in [0, 1)")
+    for key in ("train.max_steps", "train.batch_size", "data.resolution", "train.grad_accum"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise UserError(f"config key '{key}' must be positive")
+    res = cfg.data.resolution
+    if res % (2 ** (len(cfg.model.channel_mult) - 1)):
+        raise UserError(
+            f"data.resolution={res} is not divisible by 2^{len(cfg.model.channel_mult) - 1} "
+            "(one halving per extra model.channel_mult level)"
+        )
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults), apply overrides, and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    data = apply_overrides(data, overrides or [])
+    return validate(from_dict(Config, data))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

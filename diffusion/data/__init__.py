@@ -1,0 +1,32 @@
+"""Datasets: every item is {"image": (3,H,W) in [-1, 1], "label": int, "caption": str}."""
+from __future__ import annotations
+
+import torch
+
+from ..config import DataConfig
+from .celeba import CelebA
+from .cifar import Cifar10
+from .imagefolder import ImageFolder
+from .shapes import ShapesDataset
+
+
+def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data.Dataset:
+    """The dataset named by `cfg.name`; it has `num_classes` and `class_names`."""
+    split = split or cfg.split
+    if cfg.name == "shapes":
+        return ShapesDataset(cfg.resolution, cfg.shapes_size, cfg.shapes_seed, split)
+    if cfg.name == "cifar10":
+        return Cifar10(cfg.root, cfg.resolution, split, cfg.hflip, cfg.download)
+    if cfg.name == "celeba":
+        return CelebA(cfg.root, cfg.resolution, split, cfg.hflip, cfg.celeba_attributes)
+    if cfg.name == "imagefolder":
+        return ImageFolder(cfg.root, cfg.resolution, split, cfg.hflip)
+    raise ValueError(f"unknown dataset {cfg.name}")
+
+
+def build_dataloader(dataset: torch.utils.data.Dataset, cfg: DataConfig, batch_size: int, shuffle: bool = True,
+                     drop_last: bool = True) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, persistent_workers=cfg.num_workers > 0,
+    )

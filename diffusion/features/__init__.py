@@ -1,0 +1,1 @@
+"""Sampling features that plug into sample.py: prompts, classifier and CLIP guidance, in-painting."""

@@ -1,0 +1,4 @@
+"""Networks: the denoiser (a diffusers U-Net behind one conditioning interface)."""
+from .denoiser import Denoiser, build_denoiser
+
+__all__ = ["Denoiser", "build_denoiser"]

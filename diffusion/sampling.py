@@ -1,0 +1,51 @@
+"""Samplers as plain functions over diffusers schedulers, with per-sample seeds.
+
+Sample i of a run uses its own generator seeded with `seed + i` for both its starting noise
+and every later noise draw, so any sample can be regenerated alone, in any batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from tqdm.auto import tqdm
+
+from .guidance import GuidanceTerm, ModelFn, StepInfo
+from .schedule import alpha_bar
+
+PostStep = Callable[[torch.Tensor, StepInfo], torch.Tensor]
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.device | str = "cpu"
+                 ) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Starting noise (len(seeds), *shape) and the per-sample generators that drew it."""
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    return noise, generators
+
+
+@torch.no_grad()
+def sample_loop(model_fn: ModelFn, scheduler: SchedulerMixin, noise: torch.Tensor, generators: list[torch.Generator],
+                terms: Sequence[GuidanceTerm] = (), post_step: Sequence[PostStep] = (),
+                progress: bool = True) -> torch.Tensor:
+    """Run `scheduler` from `noise` to x_0. `model_fn(x, t)` returns epsilon.
+
+    `terms` adjust epsilon at every step (guidance); `post_step` hooks adjust x after every step
+    (in-painting). Neither needs the loop edited.
+    """
+    x = noise * scheduler.init_noise_sigma
+    timesteps = list(scheduler.timesteps)
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
+        t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        info = StepInfo(
+            x=x, t=t_batch, alpha_bar=alpha_bar(scheduler, t_batch), scheduler=scheduler, index=i,
+            next_t=int(timesteps[i + 1]) if i + 1 < len(timesteps) else None, generators=generators,
+        )
+        eps = model_fn(scheduler.scale_model_input(x, t), t_batch)
+        for term in terms:
+            eps = term(eps, info)
+        x = scheduler.step(eps, t, x, generator=generators).prev_sample
+        for hook in post_step:
+            x = hook(x, info)
+    return x

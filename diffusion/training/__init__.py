@@ -1,0 +1,1 @@
+"""The training loop (accelerate), tasks that plug into it, checkpoints and logs."""

@@ -1,0 +1,123 @@
+"""Checkpoints: atomic directories holding accelerate state, EMA weights and the resolved config.
+
+Layout of `RUN/checkpoints/step-000100/`:
+  accelerate/          accelerator.save_state: model, optimizer, RNG states, EMA (registered)
+  ema.safetensors      EMA weights of the whole model, for sampling
+  config.yaml          the resolved config: enough to rebuild the model
+  info.json            step, data position, class names
+A checkpoint is written under a temporary name and renamed into place, so the newest complete
+checkpoint is never half-written.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import Config, from_dict, save_config
+from ..errors import UserError
+from ..io import atomic_write, atomic_write_text
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+EMA_FILE = "ema.safetensors"
+CONFIG_FILE = "config.yaml"
+INFO_FILE = "info.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    class_names: list[str] = field(default_factory=list)
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / INFO_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / EMA_FILE).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint or a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if is_checkpoint(path):
+        return path
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1]
+    if is_checkpoint(path / "final"):
+        return path / "final"
+    raise UserError(f"{path} is neither a checkpoint nor a run directory with checkpoints (looked for {CONFIG_FILE} and {EMA_FILE})")
+
+
+def named_weights(module: torch.nn.Module, params: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """State dict of `module`, with its parameters replaced by `params` (e.g. EMA shadows) if given."""
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    if params is not None:
+        for (name, _), value in zip(module.named_parameters(), params):
+            state[name] = value.detach()
+    return {k: v.to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone() for k, v in state.items()}
+
+
+def write_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, lambda tmp: save_file(weights, str(tmp)))
+
+
+def write_info(path: Path, state: TrainState) -> None:
+    atomic_write_text(path / INFO_FILE, json.dumps(state.__dict__, indent=2))
+
+
+def read_info(path: Path) -> TrainState:
+    try:
+        return TrainState(**json.loads((path / INFO_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"cannot read {path / INFO_FILE}: {err}") from None
+
+
+def read_config(path: Path) -> Config:
+    import yaml
+
+    return from_dict(Config, yaml.safe_load((path / CONFIG_FILE).read_text()))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / EMA_FILE))
+    except Exception as err:
+        raise UserError(f"cannot read weights {path / EMA_FILE}: {err}") from None
+
+
+def finish_checkpoint(tmp: Path, final: Path, cfg: Config, state: TrainState, keep: int) -> None:
+    """Write config and info into `tmp`, move it into place, and prune old checkpoints."""
+    save_config(cfg, tmp / CONFIG_FILE)
+    write_info(tmp, state)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep > 0:
+        for old in list_checkpoints(final.parent.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_payload(path: Path) -> dict[str, Any]:
+    return {"config": read_config(path), "info": read_info(path), "weights": read_weights(path)}

@@ -1,0 +1,239 @@
+"""The training loop, shared by every task: accelerate, AdamW with warm-up, EMA, checkpoints.
+
+Follows diffusers' train_unconditional.py: one Accelerator drives CPU, one GPU or many GPUs
+(`accelerate launch train.py ...`), with mixed precision and gradient accumulation from config.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..config import Config, save_config
+from ..data import build_dataloader, build_dataset
+from ..errors import UserError
+from . import checkpoint as ckpt
+from .logger import MetricLogger
+from .tasks import Task, build_task
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag so the loop can checkpoint before exiting."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_dataset_info(cfg: Config, dataset) -> list[str]:
+    """Fill `model.num_classes` from the dataset (0 = automatic) and return class names."""
+    names = list(getattr(dataset, "class_names", []))
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = dataset.num_classes
+    elif cfg.model.num_classes < dataset.num_classes:
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
+    return names
+
+
+def find_resume(cfg: Config, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = ckpt.list_checkpoints(cfg.output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / ckpt.INFO_FILE).is_file():
+        raise UserError(f"--resume {resume}: not a checkpoint directory (no {ckpt.INFO_FILE})")
+    return path
+
+
+def warmup_lr(cfg: Config, step: int) -> float:
+    return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None, log: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        compile_backend = "inductor" if cfg.train.compile else "no"
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            dynamo_backend=compile_backend,
+        )
+        set_seed(cfg.train.seed, device_specific=True)
+        if torch.cuda.is_available() and cfg.train.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.resume_from = find_resume(cfg, resume)
+        dataset = build_dataset(cfg.data)
+        self.state = ckpt.TrainState(class_names=resolve_dataset_info(cfg, dataset))
+        self.task: Task = build_task(cfg)
+        model = self.task.build_model()
+        if cfg.init_from and self.resume_from is None:
+            from ..init_from import initialise_from
+
+            initialise_from(model, cfg.init_from)
+        if self.accelerator.device.type == "cuda" and cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        per_device_batch = cfg.train.batch_size // self.accelerator.num_processes
+        if per_device_batch * self.accelerator.num_processes != cfg.train.batch_size:
+            raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by {self.accelerator.num_processes} processes")
+        if len(dataset) < per_device_batch:
+            raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {per_device_batch}")
+        loader = build_dataloader(dataset, cfg.data, per_device_batch)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+            fused=self.accelerator.device.type == "cuda",
+        )
+        self.ema = EMAModel(
+            model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup,
+            power=cfg.train.ema_power, foreach=True,
+        )
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        self.ema.to(self.accelerator.device)
+        self.accelerator.register_for_checkpointing(self.ema)
+        self.logger = MetricLogger(self.run_dir, enabled=log and self.accelerator.is_main_process)
+
+    @property
+    def core(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        final = ckpt.checkpoint_root(self.run_dir) / f"step-{self.state.step:06d}"
+        tmp = final.with_name(f".tmp-{final.name}")
+        self.accelerator.save_state(str(tmp / "accelerate"))
+        if self.accelerator.is_main_process:
+            ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
+            ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, self.cfg.train.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path / "accelerate"))
+        saved = ckpt.read_info(path)
+        self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
+
+    def with_ema_weights(self, fn) -> None:
+        """Run `fn(core)` with the EMA weights swapped in."""
+        params = list(self.core.parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            fn(self.core)
+        finally:
+            self.ema.restore(params)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def batches(self):
+        """Endless (epoch, batch) stream that starts at the saved data position."""
+        while True:
+            self.loader.set_epoch(self.state.epoch)
+            loader = self.loader
+            if self.state.batch_in_epoch:
+                loader = self.accelerator.skip_first_batches(self.loader, self.state.batch_in_epoch)
+            for batch in loader:
+                self.state.batch_in_epoch += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def train_step(self, batch: dict) -> torch.Tensor | None:
+        """One micro-batch; returns the loss, and steps the optimizer when gradients sync."""
+        with self.accelerator.accumulate(self.model):
+            with self.accelerator.autocast():
+                loss, metrics = self.task.loss(self.model, self.core, batch)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.cfg.train.grad_clip > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = warmup_lr(self.cfg, self.state.step)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def fit(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / ckpt.CONFIG_FILE)
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+            acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
+        stop = StopRequest()
+        bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="training", disable=not acc.is_main_process)
+        images_per_step = cfg.train.batch_size * cfg.train.grad_accum
+        loss_sum, loss_count, tick, tick_step = torch.zeros((), device=acc.device), 0, time.perf_counter(), self.state.step
+        last_saved = self.state.step if self.resume_from else -1
+        try:
+            batches = self.batches()
+            while self.state.step < cfg.train.max_steps and not stop.requested:
+                loss = self.train_step(next(batches))
+                loss_sum += loss
+                loss_count += 1
+                if not acc.sync_gradients:
+                    continue
+                self.ema.step(self.core.parameters())
+                self.state.step += 1
+                bar.update(1)
+                step = self.state.step
+                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    elapsed = time.perf_counter() - tick
+                    mean_loss = (acc.gather(loss_sum).sum() / (loss_count * acc.num_processes)).item()
+                    metrics = {"loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                               "images_per_sec": images_per_step * (step - tick_step) / elapsed}
+                    self.logger.log(step, metrics)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    loss_sum.zero_()
+                    loss_count, tick, tick_step = 0, time.perf_counter(), step
+                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and acc.is_main_process:
+                    self.with_ema_weights(lambda core: self.task.preview(core, step, self.run_dir))
+                if step % cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_saved = step
+        finally:
+            bar.close()
+            stop.restore()
+        if last_saved != self.state.step:
+            path = self.save_checkpoint()
+            if stop.requested:
+                acc.print(f"interrupted: saved {path}; continue with --resume auto")
+        if self.state.step >= cfg.train.max_steps and acc.is_main_process:
+            self.export()
+        self.logger.close()
+        return self.run_dir
+
+    def export(self) -> None:
+        """Final EMA model, as a checkpoint sample.py reads and in plain-diffusers format."""
+        final = self.run_dir / "final"
+        tmp = final.with_name(".tmp-final")
+        tmp.mkdir(parents=True, exist_ok=True)
+        ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
+        self.with_ema_weights(lambda core: self.task.export(core, tmp))
+        ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, keep=0)
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    return Trainer(cfg, resume).fit()

@@ -1,0 +1,29 @@
+"""Train a model: `python train.py CONFIG [dotted.key=value ...] [--resume auto|PATH]`.
+
+Runs on CPU, one GPU, or many with `accelerate launch train.py ...`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from diffusion.config import load_config
+from diffusion.errors import exit_on_user_error
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config, e.g. configs/shapes.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=200 output_dir=runs/try")
+    parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a checkpoint directory")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    from diffusion.training.trainer import train
+
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run saved in {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
