@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 from torchvision.utils import make_grid, save_image
 
 from .config import Config
-from .guidance import ClassifierFreeGuidance, GuidanceTerm
+from .guidance import ClassifierFreeGuidance, GuidanceTerm, dynamic_threshold
 from .io import atomic_write
 from .sampling import PostStep, sample_loop, seeded_noise
 from .schedule import build_sampler, build_train_scheduler
@@ -62,6 +62,10 @@ class SamplingPlan:
     terms: list[BatchFactory] = field(default_factory=list)  # -> GuidanceTerm
     hooks: list[BatchFactory] = field(default_factory=list)  # -> PostStep
     finishers: list[Callable[[torch.Tensor, list[SampleItem]], torch.Tensor]] = field(default_factory=list)
+    loop: Callable[..., torch.Tensor] = sample_loop  # same signature as sample_loop (RePaint goes back in time)
+    # ClassifierFreeGuidance options (rescale, interval), plus "dynamic_threshold": a percentile
+    # whose thresholding term runs after every other term.
+    cfg_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _stack(conds: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
@@ -81,19 +85,28 @@ def run_plan(loaded: LoadedModel, plan: SamplingPlan, sampler: str, steps: int, 
         noise, generators = seeded_noise(shape, [it.seed for it in items], device)
         cond = _stack([it.cond for it in items], device)
         uncond = _stack([it.uncond if it.uncond is not None else model.null_condition(it.cond) for it in items], device)
-        model_fn = ClassifierFreeGuidance(model, cond, uncond, guidance_scale, cfg.diffusion.prediction_type, scheduler)
+        options = dict(plan.cfg_options)
+        threshold = options.pop("dynamic_threshold", None)
+        model_fn = ClassifierFreeGuidance(model, cond, uncond, guidance_scale, cfg.diffusion.prediction_type, scheduler,
+                                          **options)
         terms: list[GuidanceTerm] = [make(items) for make in plan.terms]
+        if threshold is not None:
+            terms.append(dynamic_threshold(threshold))
         hooks: list[PostStep] = [make(items) for make in plan.hooks]
-        images = sample_loop(model_fn, scheduler, noise, generators, terms, hooks, progress=progress).clamp(-1, 1)
+        images = plan.loop(model_fn, scheduler, noise, generators, terms, hooks, progress=progress).clamp(-1, 1)
         for finish in plan.finishers:
             images = finish(images, items)
         out.append(images.cpu())
     return torch.cat(out)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] to uint8, exactly the values a saved PNG holds (FID scores these)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy())
 
 
 def save_png(image: torch.Tensor, path: Path, meta: dict[str, str]) -> None:

@@ -25,6 +25,25 @@ def seeded_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.dev
     return noise, generators
 
 
+def denoise_step(model_fn: ModelFn, scheduler: SchedulerMixin, x: torch.Tensor, timesteps: list[int], i: int,
+                 generators: list[torch.Generator], terms: Sequence[GuidanceTerm] = (),
+                 post_step: Sequence[PostStep] = ()) -> torch.Tensor:
+    """Step `i` of `timesteps`: x_t -> x_{next t}, with guidance terms and post-step hooks applied."""
+    t = timesteps[i]
+    t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    info = StepInfo(
+        x=x, t=t_batch, alpha_bar=alpha_bar(scheduler, t_batch), scheduler=scheduler, index=i,
+        next_t=int(timesteps[i + 1]) if i + 1 < len(timesteps) else None, generators=generators,
+    )
+    eps = model_fn(scheduler.scale_model_input(x, t), t_batch)
+    for term in terms:
+        eps = term(eps, info)
+    x = scheduler.step(eps, t, x, generator=generators).prev_sample
+    for hook in post_step:
+        x = hook(x, info)
+    return x
+
+
 @torch.no_grad()
 def sample_loop(model_fn: ModelFn, scheduler: SchedulerMixin, noise: torch.Tensor, generators: list[torch.Generator],
                 terms: Sequence[GuidanceTerm] = (), post_step: Sequence[PostStep] = (),
@@ -35,17 +54,7 @@ def sample_loop(model_fn: ModelFn, scheduler: SchedulerMixin, noise: torch.Tenso
     (in-painting). Neither needs the loop edited.
     """
     x = noise * scheduler.init_noise_sigma
-    timesteps = list(scheduler.timesteps)
-    for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
-        t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        info = StepInfo(
-            x=x, t=t_batch, alpha_bar=alpha_bar(scheduler, t_batch), scheduler=scheduler, index=i,
-            next_t=int(timesteps[i + 1]) if i + 1 < len(timesteps) else None, generators=generators,
-        )
-        eps = model_fn(scheduler.scale_model_input(x, t), t_batch)
-        for term in terms:
-            eps = term(eps, info)
-        x = scheduler.step(eps, t, x, generator=generators).prev_sample
-        for hook in post_step:
-            x = hook(x, info)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    for i in tqdm(range(len(timesteps)), desc="sampling", leave=False, disable=not progress):
+        x = denoise_step(model_fn, scheduler, x, timesteps, i, generators, terms, post_step)
     return x

@@ -25,8 +25,11 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
 
 
 def build_dataloader(dataset: torch.utils.data.Dataset, cfg: DataConfig, batch_size: int, shuffle: bool = True,
-                     drop_last: bool = True) -> torch.utils.data.DataLoader:
+                     drop_last: bool = True, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A loader with its own generator, so starting an iterator never draws from the global RNG
+    (which would make a resumed run's noise differ from an uninterrupted one's)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
         num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -18,17 +18,25 @@ SPLITS = {"train": 0, "valid": 1, "test": 2}
 
 
 def attribute_caption(attrs: dict[str, bool]) -> str:
-    """A short sentence from CelebA's binary attributes."""
-    person = "man" if attrs.get("Male") else "woman"
-    words = ["a"]
-    if attrs.get("Smiling"):
-        words.append("smiling")
-    words.append(person)
-    extras = [phrase for key, phrase in (
-        ("Blond_Hair", "blond hair"), ("Black_Hair", "black hair"), ("Brown_Hair", "brown hair"),
-        ("Gray_Hair", "gray hair"), ("Eyeglasses", "eyeglasses"), ("Wearing_Hat", "a hat"),
-        ("Mustache", "a mustache"), ("Goatee", "a goatee"),
+    """A short sentence from CelebA's binary attributes.
+
+    "a smiling young woman with wavy blond hair, bangs and eyeglasses": adjectives, then hair
+    (texture and colour), then accessories and facial hair, each only when its attribute is set.
+    """
+    words = ["a"] + [w for key, w in (("Smiling", "smiling"), ("Young", "young"), ("Bald", "bald")) if attrs.get(key)]
+    words.append("man" if attrs.get("Male") else "woman")
+    colour = next((w for key, w in (("Blond_Hair", "blond"), ("Black_Hair", "black"), ("Brown_Hair", "brown"),
+                                    ("Gray_Hair", "gray")) if attrs.get(key)), None)
+    texture = "wavy" if attrs.get("Wavy_Hair") else "straight" if attrs.get("Straight_Hair") else None
+    hair = " ".join(w for w in (texture, colour) if w)
+    extras = [f"{hair} hair"] if hair and not attrs.get("Bald") else []
+    beard = attrs.get("No_Beard") is False and not attrs.get("Goatee")
+    extras += [phrase for key, phrase in (
+        ("Bangs", "bangs"), ("Eyeglasses", "eyeglasses"), ("Wearing_Hat", "a hat"), ("Mustache", "a mustache"),
+        ("Goatee", "a goatee"), ("Wearing_Lipstick", "lipstick"),
     ) if attrs.get(key)]
+    if beard:
+        extras.append("a beard")
     if extras:
         words.append("with " + (", ".join(extras[:-1]) + " and " + extras[-1] if len(extras) > 1 else extras[0]))
     return " ".join(words)

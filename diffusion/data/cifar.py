@@ -1,19 +1,39 @@
 """CIFAR-10 through torchvision, with a one-line error when it is missing offline."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 from torchvision.datasets import CIFAR10
 
 from ..errors import UserError
-from .common import image_transform, sample_dict
+from .common import image_transform, sample_dict, template_caption
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def class_caption(name: str) -> str:
-    return f"a photo of a {name}"
+    """A varied caption: a random template per access ("a blurry photo of a cat", "an airplane")."""
+    return template_caption(name)
+
+
+class _CIFAR10(CIFAR10):
+    """torchvision's CIFAR10, checking that the batch files exist rather than their md5 sums.
+
+    Corrupt files still fail loudly when unpickled; this lets re-packed or test-written copies
+    in the real on-disk format load.
+    """
+
+    def _check_integrity(self) -> bool:
+        base = Path(self.root) / self.base_folder
+        files = self.train_list + self.test_list + [(self.meta["filename"], None)]
+        return all((base / name).is_file() for name, _ in files)
+
+    def _load_meta(self) -> None:
+        with (Path(self.root) / self.base_folder / self.meta["filename"]).open("rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
 class Cifar10(torch.utils.data.Dataset):
@@ -26,12 +46,14 @@ class Cifar10(torch.utils.data.Dataset):
         self.transform = image_transform(resolution, hflip)
         train = split == "train"
         try:
-            self.data = CIFAR10(root, train=train, download=False)
+            self.data = _CIFAR10(root, train=train, download=False)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+            raise UserError(f"CIFAR-10 files in {Path(root) / 'cifar-10-batches-py'} are broken ({err}): extract them again") from None
         except RuntimeError:
             if not download:
                 raise self._missing(root, "downloads are off (data.download=false)") from None
             try:
-                self.data = CIFAR10(root, train=train, download=True)
+                self.data = _CIFAR10(root, train=train, download=True)
             except Exception as err:  # network errors come in many types
                 raise self._missing(root, f"download failed: {str(err).splitlines()[0][:120]}") from None
 

@@ -1,6 +1,7 @@
 """Shared image transform and file checks for the on-disk datasets."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -41,3 +42,20 @@ def load_rgb(path: Path) -> Image.Image:
 
 def sample_dict(image: torch.Tensor, label: int, caption: str) -> dict:
     return {"image": image, "label": label, "caption": caption}
+
+
+# CLIP-style caption templates: varied wording around a class name, so caption models learn the
+# class word rather than one fixed sentence.
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a photo of {a} {name}", "a blurry photo of {a} {name}", "a close-up photo of {a} {name}",
+    "a bright photo of {a} {name}", "a dark photo of {a} {name}", "a cropped photo of {a} {name}",
+    "a low resolution photo of {a} {name}", "a good photo of {a} {name}", "a photo of the {name}",
+    "a photo of a small {name}", "a photo of a large {name}", "{a} {name}", "an image of {a} {name}",
+)
+
+
+def template_caption(name: str, rng: random.Random | None = None) -> str:
+    """A caption for a class name from a random template ("a blurry photo of a cat", "an airplane")."""
+    template = (rng or random).choice(CAPTION_TEMPLATES)
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return template.format(a=article, name=name.replace("_", " "))

@@ -8,7 +8,7 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import UserError
-from .common import image_transform, load_rgb, sample_dict
+from .common import image_transform, load_rgb, sample_dict, template_caption
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -29,7 +29,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Sub-folders, in sorted order, are classes 0, 1, ...; images directly in the folder are one
     class. Captions come from `metadata.jsonl` (paths relative to the folder), else from the
-    class name.
+    class name in a random template ("a blurry photo of a dog").
     """
 
     def __init__(self, root: str, resolution: int, split: str = "train", hflip: bool = False):
@@ -59,7 +59,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def caption(self, index: int) -> str:
         path, label = self.samples[index]
         text = self.captions.get(path.relative_to(self.base).as_posix())
-        return text if text is not None else f"a photo of a {self.class_names[label]}"
+        return text if text is not None else template_caption(self.class_names[label])
 
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]

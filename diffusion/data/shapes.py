@@ -41,11 +41,15 @@ def sample_attributes(seed: int, index: int) -> dict:
         "size": rng.choice(tuple(SIZES)),
         "dx": rng.uniform(-0.12, 0.12),
         "dy": rng.uniform(-0.12, 0.12),
+        "say_size": rng.random() < 0.5,  # drawn last: the image attributes above do not change
     }
 
 
 def caption(attrs: dict) -> str:
-    return f"a {attrs['size']} {attrs['colour']} {attrs['shape']}"
+    """The exact caption, e.g. "a small red circle"; half of the images leave the size out, so a
+    prompt without a size word ("a red circle") is a caption the model has seen."""
+    size = f"{attrs['size']} " if attrs.get("say_size", True) else ""
+    return f"a {size}{attrs['colour']} {attrs['shape']}"
 
 
 def render(attrs: dict, resolution: int) -> np.ndarray:

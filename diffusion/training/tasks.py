@@ -39,7 +39,9 @@ class DenoiserTask:
         self.scheduler = build_train_scheduler(cfg.diffusion)
 
     def build_model(self) -> Denoiser:
-        return build_denoiser(self.cfg.model, self.cfg.data.resolution, self.cfg.model.num_classes)
+        model = build_denoiser(self.cfg.model, self.cfg.data.resolution, self.cfg.model.num_classes)
+        model.preview_prompts = list(self.cfg.sample.prompts)
+        return model
 
     def condition(self, core: Denoiser, batch: dict, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         cond = core.condition_from_batch(batch)
@@ -68,9 +70,15 @@ class DenoiserTask:
         preview_grid(core, self.cfg, self.scheduler, run_dir / "samples" / f"step-{step:06d}.png")
 
     def export(self, core, out_dir):
-        """Plain-diffusers export: `UNet2DModel.from_pretrained(out_dir / "unet")`."""
+        """Plain-diffusers export: `UNet2DModel.from_pretrained(out_dir / "unet")`.
+
+        Caption models: `UNet2DConditionModel.from_pretrained(out_dir / "unet")`, and the text encoder
+        in `text_encoder/` (`diffusion.models.text.TextEncoder.from_pretrained`, open_clip tokenizer).
+        """
         core.unet.save_pretrained(out_dir / "unet")
         self.scheduler.save_pretrained(out_dir / "scheduler")
+        if getattr(core, "text_encoder", None) is not None:
+            core.text_encoder.save_pretrained(out_dir / "text_encoder")
 
 
 TASKS: dict[str, Callable[[Config], Task]] = {"denoiser": DenoiserTask}

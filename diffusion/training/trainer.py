@@ -5,7 +5,6 @@ Follows diffusers' train_unconditional.py: one Accelerator drives CPU, one GPU o
 """
 from __future__ import annotations
 
-import math
 import signal
 import time
 from pathlib import Path
@@ -100,7 +99,7 @@ class Trainer:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by {self.accelerator.num_processes} processes")
         if len(dataset) < per_device_batch:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {per_device_batch}")
-        loader = build_dataloader(dataset, cfg.data, per_device_batch)
+        loader = build_dataloader(dataset, cfg.data, per_device_batch, seed=cfg.train.seed)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             fused=self.accelerator.device.type == "cuda",

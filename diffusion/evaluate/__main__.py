@@ -1,0 +1,33 @@
+"""Dispatch `python -m diffusion.evaluate COMMAND` to its module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import UserError, exit_on_user_error
+from . import COMMANDS
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    available = {}
+    for name, module_name in COMMANDS.items():
+        try:
+            available[name] = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+    if not argv or argv[0] not in available:
+        given = argv[0] if argv else "nothing"
+        raise UserError(f"unknown evaluation '{given}': choose one of {', '.join(available)}")
+    module = available[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"python -m diffusion.evaluate {argv[0]}", description=module.__doc__,
+                                     allow_abbrev=False)  # --classifier must pass through, not abbreviate --classifier-scale
+    module.add_arguments(parser)
+    module.run(parser.parse_args(argv[1:]) if not getattr(module, "PASS_UNKNOWN", False) else parser.parse_known_args(argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

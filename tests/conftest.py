@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny config and one tiny trained run reused by several tests."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = [
+    "data.resolution=8", "data.shapes_size=64", "model.base_channels=16", "model.channel_mult=[1,2]",
+    "model.layers_per_block=1", "model.attention_resolutions=[]", "model.attention_head_dim=8",
+    "diffusion.num_train_timesteps=100", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
+    "train.sample_every=0", "train.checkpoint_every=2", "sample.steps=3", "sample.num_samples=2",
+]
+
+
+def tiny_config(tmp: Path, *extra: str, config: str = "configs/shapes.yaml"):
+    from diffusion.config import load_config
+
+    return load_config(ROOT / config, [*TINY, f"output_dir={tmp}", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A class-conditional shapes run trained for 4 steps (checkpoints at 2 and 4, final export)."""
+    from diffusion.training.trainer import train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    train(tiny_config(run, "train.max_steps=4"))
+    return run

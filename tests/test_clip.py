@@ -1,0 +1,186 @@
+"""CLIP guidance: the noise-aware open_clip model, its task and diagnostics, guided sampling, pretrained loading."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.clip import NoisyCLIP, retrieval_hits, right_captions
+from diffusion.errors import UserError
+from diffusion.features.clip import CleanGuide, NoiseAwareGuide, load_open_clip
+from diffusion.generate import LoadedModel
+from diffusion.guidance import StepInfo
+from diffusion.schedule import alpha_bar, build_sampler, build_train_scheduler, epsilon_to_x0
+from diffusion.training.checkpoint import TrainState
+
+from .conftest import tiny_config
+
+CLIP_TINY = [
+    "model.embed_dim=16", "model.vision.width=32", "model.vision.layers=1", "model.vision.head_width=16",
+    "model.vision.patch_size=4", "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
+    "model.text.context_length=8", "train.batch_size=8",
+]
+PROMPT = "a red circle"
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def clip_config(tmp: Path, *extra: str):
+    return tiny_config(tmp, *CLIP_TINY, *extra, config="configs/clip_shapes.yaml")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny CLIP run (through train.py, with the diagnostics preview) and a tiny unconditional denoiser."""
+    import train
+
+    root = tmp_path_factory.mktemp("clip_runs")
+    clip, denoiser = root / "clip", root / "denoiser"
+    train.main(["configs/clip_shapes.yaml", *tiny_overrides(clip, CLIP_TINY), "train.max_steps=2", "train.sample_every=2"])
+    train.main(["configs/shapes_uncond.yaml", *tiny_overrides(denoiser, []), "train.max_steps=1"])
+    return {"clip": clip, "denoiser": denoiser}
+
+
+def tiny_overrides(out: Path, extra: list[str]) -> list[str]:
+    from .conftest import TINY
+
+    return [*TINY, *extra, f"output_dir={out}"]
+
+
+def step_info(scheduler, x: torch.Tensor, index: int) -> StepInfo:
+    timesteps = [int(t) for t in scheduler.timesteps]
+    t = torch.full((x.shape[0],), timesteps[index], dtype=torch.long)
+    return StepInfo(x=x, t=t, alpha_bar=alpha_bar(scheduler, t), scheduler=scheduler, index=index,
+                    next_t=timesteps[index + 1], generators=[])
+
+
+def noisy_pair(scheduler, n: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, eps) of an image inside [-1, 1], so the samplers' x0 clipping leaves the step linear in eps."""
+    x0, eps = torch.rand(n, 3, 8, 8) - 0.5, torch.randn(n, 3, 8, 8)
+    t = torch.full((n,), int(scheduler.timesteps[index]))
+    return scheduler.add_noise(x0, eps, t), eps
+
+
+def test_timestep_reaches_the_image_tower(tmp_path):
+    torch.manual_seed(0)
+    model = NoisyCLIP(clip_config(tmp_path)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    early, late = model.encode_image(x, torch.tensor([5, 5])), model.encode_image(x, torch.tensor([90, 90]))
+    assert not torch.allclose(early, late, atol=1e-4)
+    torch.testing.assert_close(model.encode_image(x, torch.tensor([5, 5])), early)
+    with pytest.raises(RuntimeError, match="timestep"):
+        model.clip.encode_image(x)  # the tower refuses to run without t
+
+
+@pytest.mark.parametrize("sampler,form", [("ddim", "eps"), ("ddpm", "mean")])
+def test_one_guided_step_raises_clip_similarity(tmp_path, sampler, form):
+    torch.manual_seed(0)
+    cfg = clip_config(tmp_path)
+    model = NoisyCLIP(cfg).eval().requires_grad_(False)
+    train_sched = build_train_scheduler(cfg.diffusion)
+    guide = NoiseAwareGuide(LoadedModel(cfg, model, train_sched, TrainState(), tmp_path), train_sched.alphas_cumprod)
+    scheduler = build_sampler(train_sched, sampler, 10)
+    x, eps = noisy_pair(scheduler, 6, 4)
+    text = guide.encode_prompts([PROMPT] * 6)
+    info = step_info(scheduler, x, 4)
+    guided = guide.term(text, 0.05, form, list(range(6)))(eps, info)
+    t = int(info.t[0])
+    plain_x = scheduler.step(eps, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    guided_x = scheduler.step(guided, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    next_t = torch.full((6,), info.next_t)
+    with torch.no_grad():
+        assert (model.similarity(guided_x, next_t, text) > model.similarity(plain_x, next_t, text)).all()
+
+
+def save_tiny_open_clip(tmp_path: Path) -> tuple[Path, Path, dict]:
+    import open_clip
+
+    config = tmp_path / "tiny-test-clip.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), weights)
+    return config, weights, model.state_dict()
+
+
+def test_pretrained_open_clip_loads_from_a_local_file_and_guides_through_x0(tmp_path):
+    config, weights, state = save_tiny_open_clip(tmp_path)
+    model, tokenizer = load_open_clip(str(config), str(weights), "cpu")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+    with pytest.raises(UserError, match="not found"):
+        load_open_clip(str(config), str(tmp_path / "missing.bin"), "cpu")
+    with pytest.raises(UserError, match="--clip-weights"):
+        load_open_clip(str(config), None, "cpu")
+    # A clean CLIP scores the predicted x0 (resized to 16x16, normalised): a guided eps raises that score.
+    guide = CleanGuide(model, tokenizer)
+    scheduler = build_sampler(build_train_scheduler(tiny_config(tmp_path).diffusion), "ddim", 10)
+    torch.manual_seed(1)
+    x, eps = noisy_pair(scheduler, 4, 6)
+    info = step_info(scheduler, x, 6)
+    text = guide.encode_prompts([PROMPT] * 4)
+    guided = guide.term(text, 1e-3, "eps", list(range(4)))(eps, info)
+    with torch.no_grad():
+        before = guide.similarity(epsilon_to_x0(eps, x, info.alpha_bar), text, [])
+        after = guide.similarity(epsilon_to_x0(guided, x, info.alpha_bar), text, [])
+    assert (after > before).all()
+    cutouts = CleanGuide(model, tokenizer, cutouts=3)
+    assert cutouts.views(x, [torch.Generator().manual_seed(i) for i in range(4)]).shape == (12, 3, 16, 16)
+
+
+def test_retrieval_counts_any_caption_of_the_same_class():
+    captions, labels = ["a red circle", "a small red circle", "a blue square"], [0, 0, 5]
+    right = right_captions(captions, labels, by_label=True)
+    assert right[0] == right[1] == {"a red circle", "a small red circle"} and right[2] == {"a blue square"}
+    assert right_captions(captions, labels, by_label=False)[0] == {"a red circle"}
+    logits = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])  # columns: the captions above
+    assert retrieval_hits(logits, captions, right).tolist() == [True, False, True]
+
+
+def read_pixels(directory: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)) for p in sorted(directory.glob("sample_*.png"))]
+
+
+def test_end_to_end_through_the_clis(runs, tmp_path, capsys):
+    from diffusion.evaluate.__main__ import main as evaluate
+    from diffusion.sample_cli import main as sample
+
+    clip, denoiser = runs["clip"], runs["denoiser"]
+    assert (clip / "diagnostics" / "clip_retrieval_step-000002.csv").is_file()
+    evaluate(["clip", "--checkpoint", str(clip), "--num-samples", "40"])
+    rows = (clip / "diagnostics" / "clip_retrieval.csv").read_text().splitlines()
+    assert len(rows) == 11 and (clip / "diagnostics" / "clip_retrieval.png").is_file()
+    assert "chance" in capsys.readouterr().out
+
+    common = ["--checkpoint", str(denoiser), "--num-samples", "2", "--steps", "3", "--device", "cpu"]
+    plain = read_pixels(sample([*common, "--out", str(tmp_path / "plain")]))
+    zero = read_pixels(sample([*common, "--clip", str(clip), "--clip-scale", "0", "--prompt", PROMPT, "--out", str(tmp_path / "zero")]))
+    guided_dir = sample([*common, "--clip", str(clip), "--clip-scale", "30", "--prompt", PROMPT, "--sampler", "dpmsolver",
+                         "--out", str(tmp_path / "guided")])
+    assert all(np.array_equal(a, b) for a, b in zip(plain, zero)) and len(zero) == 2
+    assert Image.open(guided_dir / "sample_0000.png").text["clip_scale"] == "30"
+
+    config, weights, _ = save_tiny_open_clip(tmp_path)
+    clean = read_pixels(sample([*common, "--clip", f"open_clip:{config}", "--clip-weights", str(weights), "--clip-scale", "0.01",
+                                "--clip-cutouts", "2", "--prompt", PROMPT, "--out", str(tmp_path / "clean")]))
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, clean))
+
+    for bad, message in [
+        (["--clip", str(denoiser), "--prompt", PROMPT], "is a denoiser checkpoint"),
+        (["--clip", str(clip)], "--prompt"),
+        (["--clip", f"open_clip:{config}", "--clip-weights", str(tmp_path / "nope.bin"), "--prompt", PROMPT], "not found"),
+        (["--clip-scale", "2"], "need --clip"),
+    ]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            sample([*common, *bad, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and "\n" not in err

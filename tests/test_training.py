@@ -1,0 +1,86 @@
+"""Training loop: checkpoints, resume, plain-diffusers export, atomic writes, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file
+
+from diffusion.training import checkpoint as ckpt
+from diffusion.training.trainer import Trainer, train
+from tests.conftest import ROOT, TINY, tiny_config
+
+
+def test_run_layout_and_logs(tiny_run):
+    assert [p.name for p in ckpt.list_checkpoints(tiny_run)] == ["step-000002", "step-000004"]
+    assert ckpt.read_info(ckpt.list_checkpoints(tiny_run)[-1]).step == 4
+    assert (tiny_run / "config.yaml").is_file() and (tiny_run / "final" / "config.yaml").is_file()
+    rows = (tiny_run / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,images_per_sec" and len(rows) == 5
+
+
+def test_saved_model_loads_in_plain_diffusers(tiny_run):
+    unet = UNet2DModel.from_pretrained(tiny_run / "final" / "unet").eval()
+    ema = load_file(str(tiny_run / "final" / ckpt.EMA_FILE))
+    ours = {k.removeprefix("unet."): v for k, v in ema.items() if k.startswith("unet.")}
+    for name, value in unet.state_dict().items():
+        torch.testing.assert_close(value, ours[name])
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 70]), torch.tensor([1, 12])
+    assert unet(x, t, class_labels=y).sample.shape == (2, 3, 8, 8)
+    assert (tiny_run / "final" / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_resume_restores_step_optimizer_ema_and_data_position(tmp_path):
+    train(tiny_config(tmp_path, "train.max_steps=4"))
+    saved = ckpt.list_checkpoints(tmp_path)[-1]
+    saved_opt = torch.load(saved / "accelerate" / "optimizer.bin", weights_only=False)
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=6"), resume="auto", log=False)
+    trainer.load_checkpoint(saved)
+    assert trainer.state.step == 4 and trainer.state.batch_in_epoch == 4
+    assert trainer.ema.optimization_step == 4
+    state = trainer.optimizer.state_dict()["state"]
+    for key, value in saved_opt["state"].items():
+        torch.testing.assert_close(state[key]["exp_avg"], value["exp_avg"])
+    ema_file = load_file(str(saved / ckpt.EMA_FILE))
+    names = [n for n, _ in trainer.core.named_parameters()]
+    for name, shadow in zip(names, trainer.ema.shadow_params):
+        torch.testing.assert_close(shadow.cpu(), ema_file[name])
+
+
+def test_resumed_run_continues_like_an_uninterrupted_one(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny_config(straight, "train.max_steps=6"))
+    train(tiny_config(split, "train.max_steps=4"))
+    train(tiny_config(split, "train.max_steps=6"), resume="auto")
+    assert ckpt.read_info(ckpt.list_checkpoints(split)[-1]).step == 6
+    a = load_file(str(straight / "final" / ckpt.EMA_FILE))
+    b = load_file(str(split / "final" / ckpt.EMA_FILE))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_half_written_checkpoint_is_ignored(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-step-000009" / "accelerate").mkdir(parents=True)
+    (run / "checkpoints" / "step-000008").mkdir()  # no info.json: never completed
+    assert ckpt.list_checkpoints(run) == []
+    assert ckpt.resolve_checkpoint(tiny_run).name == "step-000004"
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+    args = [sys.executable, "train.py", "configs/shapes.yaml", *TINY, f"output_dir={tmp_path}",
+            "train.max_steps=100000", "train.checkpoint_every=100000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while not (tmp_path / "metrics.csv").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "interrupted: saved" in out
+    info = json.loads((ckpt.list_checkpoints(tmp_path)[-1] / ckpt.INFO_FILE).read_text())
+    assert info["step"] >= 1
