@@ -21,8 +21,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusion.training.trainer import train
 
-    run_dir = train(cfg, resume=args.resume)
-    print(f"run saved in {run_dir}")
+    train(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,16 @@ class TextConfig:
 
 
 @dataclass
+class VisionConfig:
+    """The CLIP image tower: an open_clip ViT over x_t (task: clip)."""
+
+    width: int = 128
+    layers: int = 4
+    head_width: int = 32
+    patch_size: int = 4  # must divide data.resolution
+
+
+@dataclass
 class ModelConfig:
     condition: str = "none"  # none | class | text
     num_classes: int = 0  # 0 = take it from the dataset
@@ -58,6 +68,7 @@ class ModelConfig:
     # Classifier and CLIP tasks reuse base_channels/channel_mult/... for their encoders.
     pool: str = "attention"  # attention | mean (classifier head)
     embed_dim: int = 128  # CLIP joint embedding width
+    vision: VisionConfig = field(default_factory=VisionConfig)  # CLIP image tower
 
 
 @dataclass
@@ -88,6 +99,7 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = True
     allow_tf32: bool = True
+    caption_word_drop: float = 0.0  # CLIP task: drop each caption word (not the first) with this probability
 
 
 @dataclass
@@ -98,6 +110,29 @@ class SampleConfig:
     steps: int = 50
     guidance_scale: float = 3.0
     num_samples: int = 16
+    prompts: list[str] = field(default_factory=list)  # caption models: preview prompts (default: first batch's captions)
+
+
+@dataclass
+class InpaintConfig:
+    """Training masks for in-painting models (model.inpaint: true).
+
+    Each training image gets one mask type, drawn with the relative weights below, except for a
+    fraction of all-known and all-unknown masks. Sizes are fractions of the image side.
+    """
+
+    box: float = 1.0  # weight of random rectangles
+    strokes: float = 1.0  # weight of free-form brush strokes
+    half: float = 1.0  # weight of half-image masks (left, right, top or bottom half unknown)
+    border: float = 1.0  # weight of outpainting borders (unknown frame around a known centre)
+    all_known: float = 0.05  # fraction of masks with every pixel known
+    all_unknown: float = 0.1  # fraction with no pixel known (plain generation)
+    max_boxes: int = 2
+    box_size: list[float] = field(default_factory=lambda: [0.25, 0.6])  # side range of each box
+    max_strokes: int = 4
+    stroke_width: list[float] = field(default_factory=lambda: [0.06, 0.15])
+    stroke_vertices: int = 5  # segments per stroke
+    border_size: list[float] = field(default_factory=lambda: [0.1, 0.3])  # width range of each border side
 
 
 @dataclass
@@ -110,6 +145,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -221,6 +257,8 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"config key '{key}' must be one of {', '.join(options)}; got {value!r}")
     if not 0.0 <= cfg.model.cond_drop_prob < 1.0:
         raise UserError("config key 'model.cond_drop_prob' must be in [0, 1)")
+    if not 0.0 <= cfg.train.caption_word_drop < 1.0:
+        raise UserError("config key 'train.caption_word_drop' must be in [0, 1)")
     for key in ("train.max_steps", "train.batch_size", "data.resolution", "train.grad_accum"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
@@ -25,6 +26,13 @@ def seeded_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.dev
     return noise, generators
 
 
+def step_options(scheduler: SchedulerMixin) -> dict:
+    """DDIM re-derives eps from the clipped x0, as GLIDE and guided-diffusion do. Without it the
+    clipped x0 and the unclipped eps disagree wherever x0 leaves [-1, 1] (black backgrounds): samples
+    keep visible noise, and guidance steps point the wrong way in those pixels."""
+    return {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
+
+
 def denoise_step(model_fn: ModelFn, scheduler: SchedulerMixin, x: torch.Tensor, timesteps: list[int], i: int,
                  generators: list[torch.Generator], terms: Sequence[GuidanceTerm] = (),
                  post_step: Sequence[PostStep] = ()) -> torch.Tensor:
@@ -38,7 +46,7 @@ def denoise_step(model_fn: ModelFn, scheduler: SchedulerMixin, x: torch.Tensor, 
     eps = model_fn(scheduler.scale_model_input(x, t), t_batch)
     for term in terms:
         eps = term(eps, info)
-    x = scheduler.step(eps, t, x, generator=generators).prev_sample
+    x = scheduler.step(eps, t, x, generator=generators, **step_options(scheduler)).prev_sample
     for hook in post_step:
         x = hook(x, info)
     return x

@@ -25,7 +25,7 @@ from diffusion.training import checkpoint as ckpt
 from diffusion.training.trainer import train
 from tests.conftest import ROOT, tiny_config
 
-CLASSIFIER = ["model.base_channels=8", "model.attention_resolutions=[4]", "train.batch_size=32", "train.lr=0.003",
+CLASSIFIER = ["model.base_channels=8", "model.attention_resolutions=[4]", "model.pool=mean", "train.batch_size=32", "train.lr=0.003",
               "train.ema_decay=0.9", "train.checkpoint_every=1000", "data.shapes_size=512"]
 
 
@@ -185,15 +185,16 @@ def edited_copy(run: Path, dest: Path, **changes) -> Path:
     (["--classifier", "{clf}", "--guidance-form", "mean", "--sampler", "ddim"], "use --sampler ddpm"),
     (["--classifier", "{clf}", "--class-label", "12"], "out of range"),
     (["--classifier", "{den}"], "is a denoiser checkpoint"),
-    (["--classifier", "{cosine}"], "beta_schedule=cosine"),
+    (["--classifier", "{schedule}"], "retrain the classifier with diffusion.beta_schedule="),
+    (["--classifier", "{steps}"], "retrain the classifier with diffusion.num_train_timesteps="),
     (["--classifier", "{big}"], "retrain it with data.resolution=8"),
 ])
 def test_refusals(runs, tmp_path, capsys, argv, message):
-    paths = {"clf": runs["clf"], "den": runs["den"]}
-    if "{cosine}" in argv:
-        paths["cosine"] = edited_copy(runs["clf"], tmp_path / "cosine", diffusion__beta_schedule="cosine")
-    if "{big}" in argv:
-        paths["big"] = edited_copy(runs["clf"], tmp_path / "big", data__resolution=16, model__attention_resolutions=[8])
+    other = {"linear": "cosine", "cosine": "linear"}[load_model(runs["clf"]).cfg.diffusion.beta_schedule]
+    paths = {"clf": runs["clf"], "den": runs["den"],
+             "schedule": edited_copy(runs["clf"], tmp_path / "schedule", diffusion__beta_schedule=other),
+             "steps": edited_copy(runs["clf"], tmp_path / "steps", diffusion__num_train_timesteps=1000),
+             "big": edited_copy(runs["clf"], tmp_path / "big", data__resolution=16, model__attention_resolutions=[8])}
     argv = [a.format(**paths) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         sample_main(["--checkpoint", str(runs["den"]), "--num-samples", "1", "--steps", "2",

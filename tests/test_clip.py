@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.clip import NoisyCLIP, retrieval_hits, right_captions
+from diffusion.clip import NoisyCLIP, drop_words, retrieval_hits, right_captions
 from diffusion.errors import UserError
 from diffusion.features.clip import CleanGuide, NoiseAwareGuide, load_open_clip
 from diffusion.generate import LoadedModel
@@ -79,7 +79,7 @@ def test_timestep_reaches_the_image_tower(tmp_path):
         model.clip.encode_image(x)  # the tower refuses to run without t
 
 
-@pytest.mark.parametrize("sampler,form", [("ddim", "eps"), ("ddpm", "mean")])
+@pytest.mark.parametrize("sampler,form", [("ddim", "eps"), ("dpmsolver", "eps"), ("ddpm", "mean")])
 def test_one_guided_step_raises_clip_similarity(tmp_path, sampler, form):
     torch.manual_seed(0)
     cfg = clip_config(tmp_path)
@@ -92,8 +92,9 @@ def test_one_guided_step_raises_clip_similarity(tmp_path, sampler, form):
     info = step_info(scheduler, x, 4)
     guided = guide.term(text, 0.05, form, list(range(6)))(eps, info)
     t = int(info.t[0])
-    plain_x = scheduler.step(eps, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
-    guided_x = scheduler.step(guided, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    # A fresh scheduler for each step: DPM-Solver keeps its last outputs.
+    plain_x, guided_x = (build_sampler(train_sched, sampler, 10).step(e, t, x, generator=torch.Generator().manual_seed(1))
+                         .prev_sample for e in (eps, guided))
     next_t = torch.full((6,), info.next_t)
     with torch.no_grad():
         assert (model.similarity(guided_x, next_t, text) > model.similarity(plain_x, next_t, text)).all()
@@ -145,6 +146,13 @@ def test_retrieval_counts_any_caption_of_the_same_class():
     assert retrieval_hits(logits, captions, right).tolist() == [True, False, True]
 
 
+def test_word_drop_keeps_the_first_word():
+    torch.manual_seed(0)
+    dropped = drop_words(["a smiling woman with blond hair"] * 50, 0.5)
+    assert all(c.startswith("a") for c in dropped) and len(set(dropped)) > 3
+    assert drop_words(["a small red circle"], 0.0) == ["a small red circle"]
+
+
 def read_pixels(directory: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(p)) for p in sorted(directory.glob("sample_*.png"))]
 
@@ -162,11 +170,13 @@ def test_end_to_end_through_the_clis(runs, tmp_path, capsys):
 
     common = ["--checkpoint", str(denoiser), "--num-samples", "2", "--steps", "3", "--device", "cpu"]
     plain = read_pixels(sample([*common, "--out", str(tmp_path / "plain")]))
-    zero = read_pixels(sample([*common, "--clip", str(clip), "--clip-scale", "0", "--prompt", PROMPT, "--out", str(tmp_path / "zero")]))
-    guided_dir = sample([*common, "--clip", str(clip), "--clip-scale", "30", "--prompt", PROMPT, "--sampler", "dpmsolver",
-                         "--out", str(tmp_path / "guided")])
+    zero = read_pixels(sample([*common, "--clip", str(clip), "--clip-scale", "0", "--prompt", PROMPT,
+                               "--out", str(tmp_path / "zero")]))
+    guided_dir = sample([*common, "--clip", str(clip), "--clip-scale", "30", "--prompt", PROMPT, "--sampler", "ddpm",
+                         "--guidance-form", "mean", "--out", str(tmp_path / "guided")])
     assert all(np.array_equal(a, b) for a, b in zip(plain, zero)) and len(zero) == 2
-    assert Image.open(guided_dir / "sample_0000.png").text["clip_scale"] == "30"
+    meta = Image.open(guided_dir / "sample_0000.png").text
+    assert meta["clip_scale"] == "30" and meta["guidance_form"] == "mean" and meta["prompt"] == PROMPT
 
     config, weights, _ = save_tiny_open_clip(tmp_path)
     clean = read_pixels(sample([*common, "--clip", f"open_clip:{config}", "--clip-weights", str(weights), "--clip-scale", "0.01",
@@ -178,6 +188,7 @@ def test_end_to_end_through_the_clis(runs, tmp_path, capsys):
         (["--clip", str(clip)], "--prompt"),
         (["--clip", f"open_clip:{config}", "--clip-weights", str(tmp_path / "nope.bin"), "--prompt", PROMPT], "not found"),
         (["--clip-scale", "2"], "need --clip"),
+        (["--clip", str(clip), "--prompt", PROMPT, "--guidance-form", "mean"], "--sampler ddpm"),
     ]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:

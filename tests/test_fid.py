@@ -129,3 +129,14 @@ def test_offline_inception_gives_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "--inception-weights" in err and "--feature-extractor" in err
+
+
+def test_bad_feature_extractor_is_one_line(tmp_path, capsys):
+    samples = write_images(tmp_path / "s", 8, 4)
+    bogus = tmp_path / "features.pt"
+    bogus.write_text("not a module")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fid", "--samples", str(samples), "--reference", str(samples), "--feature-extractor", str(bogus)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "TorchScript" in err

@@ -137,6 +137,10 @@ def test_widened_model_equals_base_at_init(tmp_path):
     other = Denoiser(tiny_model_config(base_channels=8, inpaint=True), 8, 12)
     with pytest.raises(UserError, match="does not fit"):
         initialise_from(other, tmp_path / "base")
+    base_cfg = tiny_config(tmp_path)
+    other_target = "epsilon" if base_cfg.diffusion.prediction_type == "v_prediction" else "v_prediction"
+    with pytest.raises(UserError, match="diffusion.prediction_type"):  # same shapes, another parameterisation
+        initialise_from(widened, tmp_path / "base", tiny_config(tmp_path, f"diffusion.prediction_type={other_target}"))
 
 
 def test_replace_and_repaint_keep_known_pixels_on_any_checkpoint(tiny_run):

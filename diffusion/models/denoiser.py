@@ -3,17 +3,26 @@
 Conditioning travels as keyword tensors so every feature plugs in the same way:
 - `labels` (B,) class indices; index `num_classes` is the learned "null" class (unconditional);
 - `channels` (B,k,H,W) extra input channels concatenated to x_t (in-painting: masked RGB + keep-mask;
-  later the upsampler's low-resolution image).
+  later the upsampler's low-resolution image);
+- `tokens` (B,L) caption token ids (open_clip tokenizer); the empty caption is the unconditional input.
+
+Caption models use diffusers' UNet2DConditionModel. GLIDE feeds the text tokens to the U-Net either
+as extra keys/values of its self-attention or through cross-attention; we use cross-attention
+(CrossAttn*Block2D) because it is diffusers' maintained path, it honours `encoder_attention_mask`
+(padding masked out), and the exported U-Net loads in plain diffusers. The final token's
+embedding is projected by one linear layer and added to the timestep embedding, as in GLIDE:
+that is diffusers' `class_embed_type="simple_projection"`, fed the pooled text embedding.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from ..config import ModelConfig
+from .text import TextEncoder, empty_tokens_like, tokenize
 
 INPAINT_CHANNELS = 4  # masked RGB (known pixels, zeros elsewhere) + keep-mask
 
@@ -34,6 +43,20 @@ def unet_kwargs(cfg: ModelConfig, resolution: int) -> dict:
     )
 
 
+def cross_attention_kwargs(cfg: ModelConfig, resolution: int) -> dict:
+    """`unet_kwargs` for UNet2DConditionModel: attention levels become cross-attention blocks.
+
+    Its `attention_head_dim` argument is (for legacy reasons) the number of heads, so it is
+    computed per level from our per-head width.
+    """
+    kwargs = unet_kwargs(cfg, resolution)
+    rename = {"AttnDownBlock2D": "CrossAttnDownBlock2D", "AttnUpBlock2D": "CrossAttnUpBlock2D"}
+    kwargs["down_block_types"] = tuple(rename.get(b, b) for b in kwargs["down_block_types"])
+    kwargs["up_block_types"] = tuple(rename.get(b, b) for b in kwargs["up_block_types"])
+    kwargs["attention_head_dim"] = tuple(max(1, c // cfg.attention_head_dim) for c in kwargs["block_out_channels"])
+    return kwargs
+
+
 def extra_input_channels(cfg: ModelConfig) -> int:
     return INPAINT_CHANNELS if cfg.inpaint else 0
 
@@ -46,6 +69,20 @@ class Denoiser(nn.Module):
         self.condition = cfg.condition
         self.num_classes = num_classes
         self.extra_channels = extra_input_channels(cfg)
+        self.preview_prompts: list[str] = []  # captions for training previews (default: the first batch's)
+        if cfg.condition == "text":
+            self.context_length = cfg.text.context_length
+            self.text_encoder = TextEncoder.from_text_config(cfg.text)
+            self.unet = UNet2DConditionModel(
+                sample_size=resolution,
+                in_channels=3 + self.extra_channels,
+                out_channels=3,
+                cross_attention_dim=cfg.text.width,
+                class_embed_type="simple_projection",
+                projection_class_embeddings_input_dim=cfg.text.width,
+                **cross_attention_kwargs(cfg, resolution),
+            )
+            return
         self.unet = UNet2DModel(
             sample_size=resolution,
             in_channels=3 + self.extra_channels,
@@ -58,12 +95,22 @@ class Denoiser(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
+    def tokenize(self, captions: str | list[str]) -> torch.Tensor:
+        """(N, context_length) token ids of captions, cut to this model's context length."""
+        return tokenize(captions, self.context_length)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                channels: torch.Tensor | None = None) -> torch.Tensor:
+                channels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
         if self.extra_channels:
             if channels is None:
                 raise ValueError("this in-painting model needs `channels` (masked image + keep-mask)")
             x = torch.cat([x, channels.to(x.dtype)], dim=1)
+        if self.condition == "text":
+            if tokens is None:
+                tokens = self.tokenize([""] * x.shape[0]).to(x.device)
+            text = self.text_encoder(tokens)
+            return self.unet(x, t, encoder_hidden_states=text.tokens, class_labels=text.pooled,
+                             encoder_attention_mask=text.mask).sample
         if self.condition == "class":
             if labels is None:
                 labels = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
@@ -75,6 +122,8 @@ class Denoiser(nn.Module):
         out = dict(cond)
         if "labels" in cond:
             out["labels"] = torch.full_like(cond["labels"], self.null_label)
+        if "tokens" in cond:
+            out["tokens"] = empty_tokens_like(cond["tokens"])
         return out
 
     def drop_condition(self, cond: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -82,18 +131,35 @@ class Denoiser(nn.Module):
         out = dict(cond)
         if "labels" in cond:
             out["labels"] = torch.where(drop, torch.full_like(cond["labels"], self.null_label), cond["labels"])
+        if "tokens" in cond:
+            out["tokens"] = torch.where(drop[:, None], empty_tokens_like(cond["tokens"]), cond["tokens"])
         return out
 
     def preview_condition(self, index: int) -> dict[str, torch.Tensor]:
-        """Condition for the index-th image of a training preview grid (classes cycled)."""
+        """Condition for the index-th image of a training preview grid (classes cycled).
+
+        In-painting models get an all-unknown mask (zero channels), i.e. plain generation.
+        """
+        cond: dict[str, torch.Tensor] = {}
         if self.condition == "class":
-            return {"labels": torch.tensor([index % self.num_classes])}
-        return {}
+            cond = {"labels": torch.tensor([index % self.num_classes])}
+        if self.condition == "text":
+            prompts = self.preview_prompts or [""]
+            cond = {"tokens": self.tokenize(prompts[index % len(prompts)])}
+        if self.extra_channels:
+            size = self.unet.config.sample_size
+            cond["channels"] = torch.zeros(1, self.extra_channels, size, size)
+        return cond
 
     def condition_from_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         """The conditioning tensors this model reads from a data batch."""
         if self.condition == "class":
             return {"labels": batch["label"]}
+        if self.condition == "text":
+            captions = list(batch["caption"])
+            if not self.preview_prompts:
+                self.preview_prompts = captions
+            return {"tokens": self.tokenize(captions).to(batch["image"].device)}
         return {}
 
 

@@ -74,6 +74,7 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         compile_backend = "inductor" if cfg.train.compile else "no"
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # lets `accelerate launch --cpu`/torchrun run multi-process on CPU
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -91,7 +92,7 @@ class Trainer:
         if cfg.init_from and self.resume_from is None:
             from ..init_from import initialise_from
 
-            initialise_from(model, cfg.init_from)
+            initialise_from(model, cfg.init_from, cfg)
         if self.accelerator.device.type == "cuda" and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         per_device_batch = cfg.train.batch_size // self.accelerator.num_processes
@@ -123,6 +124,7 @@ class Trainer:
         final = ckpt.checkpoint_root(self.run_dir) / f"step-{self.state.step:06d}"
         tmp = final.with_name(f".tmp-{final.name}")
         self.accelerator.save_state(str(tmp / "accelerate"))
+        self.accelerator.wait_for_everyone()  # every process's RNG state is in tmp before it moves
         if self.accelerator.is_main_process:
             ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
             ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, self.cfg.train.keep_checkpoints)
@@ -235,4 +237,7 @@ class Trainer:
 
 
 def train(cfg: Config, resume: str | None = None) -> Path:
-    return Trainer(cfg, resume).fit()
+    trainer = Trainer(cfg, resume)
+    run_dir = trainer.fit()
+    trainer.accelerator.print(f"run saved in {run_dir}")
+    return run_dir

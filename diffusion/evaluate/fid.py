@@ -1,0 +1,224 @@
+"""FID and KID of samples against a reference set, with one protocol so numbers can be compared.
+
+  python -m diffusion.evaluate fid --samples RUN_OR_CHECKPOINT --reference cifar10 --num-samples 50000 \\
+      --sampler ddim --steps 100 --guidance-scale 1
+  python -m diffusion.evaluate fid --samples DIR_OF_PNGS --reference DIR_OF_IMAGES --feature-extractor feats.pt
+
+The protocol: samples from a checkpoint are drawn in batches with fixed per-sample seeds (sample i
+of the plan uses seed+i; classes or prompts cycle), written as PNG (lossless) and scored as the uint8
+values in those files. Reference images are resized and centre-cropped to the samples' resolution
+and scored as uint8 too; their statistics are cached per dataset, split, resolution, count and
+feature extractor. Features come from torchmetrics' FID Inception-v3 (torch-fidelity's port of the
+TF network, pool3, TF1-style resize to 299) or from any TorchScript module given as
+--feature-extractor. Any other sample.py option (--prompt, --classifier ...) passes through.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm.auto import tqdm
+
+from ..data.common import load_rgb
+from ..errors import UserError
+from ..generate import SampleItem, load_model, run_plan, save_png
+from ..io import atomic_write_text
+from .extractors import RESIZES, build_extractor
+from .feature_stats import KID_SUBSET_SIZE, KID_SUBSETS, accumulate, scores
+from .reference import default_cache_dir, reference_config, reference_stats
+
+PASS_UNKNOWN = True
+SKIPPED_NAMES = ("grid.png",)  # sample.py's overview grid is not a sample
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--samples", required=True, help="a directory of sample images, or a run/checkpoint to sample from")
+    parser.add_argument("--reference", default=None,
+                        help="image directory, or dataset NAME[:SPLIT] (shapes, cifar10, celeba, imagefolder); "
+                             "default with a checkpoint: the data it was trained on")
+    parser.add_argument("--reference-split", default=None, help="split of the reference (default train)")
+    parser.add_argument("--reference-root", default=None, help="data root of a named reference dataset")
+    parser.add_argument("--reference-num", type=int, default=0, help="use the first N reference images (0 = all)")
+    parser.add_argument("--num-samples", type=int, default=50000, help="samples to score")
+    parser.add_argument("--sampler", default=None, help="ddpm, ddim or dpmsolver (default: the run's config)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config; ddpm: 1000)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (0 uncond., 1 cond.; default: config)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed+i")
+    parser.add_argument("--batch-size", type=int, default=64, help="for sampling and feature extraction")
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--feature-extractor", default=None, help="TorchScript file: uint8 (N,3,H,W) -> (N,D) features")
+    parser.add_argument("--inception-weights", default=None, help="local copy of the FID Inception weights (offline use)")
+    parser.add_argument("--inception-resize", choices=RESIZES, default="tf1",
+                        help="tf1: the original FID resize (published numbers); antialias: torchmetrics' default")
+    parser.add_argument("--cache-dir", default=None, help=f"reference statistics cache (default {default_cache_dir()})")
+    parser.add_argument("--sample-dir", default=None, help="where generated PNGs go (default: next to --out)")
+    parser.add_argument("--out", default="fid_report.json", help="JSON report")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading workers for the reference")
+    parser.add_argument("--kid-subsets", type=int, default=KID_SUBSETS)
+    parser.add_argument("--kid-subset-size", type=int, default=KID_SUBSET_SIZE)
+
+
+def image_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and p.name not in SKIPPED_NAMES)
+
+
+def image_size(path: Path) -> int:
+    with Image.open(path) as img:
+        return img.width
+
+
+def png_matches(path: Path, meta: dict[str, str]) -> bool:
+    """Whether `path` is a PNG already generated with exactly these settings (a resumed run)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and dict(getattr(img, "text", {})) == meta
+    except OSError:
+        return False
+
+
+def image_batches(paths: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 (B, 3, H, W) batches of image files, refusing mixed or non-square sizes."""
+    size = None
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[start:start + batch_size]:
+            array = np.asarray(load_rgb(path))
+            size = size or array.shape
+            if array.shape != size or size[0] != size[1]:
+                raise UserError(f"sample {path} is {array.shape[1]}x{array.shape[0]}; all samples must be square "
+                                f"and one size ({size[1]}x{size[0]})")
+            images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        yield torch.stack(images)
+
+
+def interleave(items: list[SampleItem], groups: int, limit: int) -> list[SampleItem]:
+    """Round-robin over condition groups (classes, prompts), so any prefix is balanced."""
+    per = len(items) // groups
+    return [items[g * per + i] for i in range(per) for g in range(groups)][:limit]
+
+
+def generate(args: argparse.Namespace, rest: list[str], device: torch.device) -> tuple[list[Path], dict]:
+    """Sample `--num-samples` PNGs from a checkpoint into the sample directory, reusing matching files."""
+    from ..sample_cli import build_parser, check_args, load_features, make_plan
+
+    loaded = load_model(args.samples, device)
+    if loaded.cfg.task != "denoiser":
+        raise UserError(f"{args.samples} is a {loaded.cfg.task} checkpoint; --samples needs a denoiser or a directory")
+    sampler = args.sampler or loaded.cfg.sample.sampler
+    steps = args.steps or (1000 if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
+    scale = loaded.cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    settings = {"sampler": sampler, "steps": str(steps), "guidance_scale": str(scale), "checkpoint": str(loaded.path)}
+    features = load_features()
+    parser = build_parser(features)
+    base = ["--checkpoint", args.samples, "--seed", str(args.seed), "--sampler", sampler, "--steps", str(steps),
+            "--guidance-scale", str(scale), "--batch-size", str(args.batch_size), *rest]
+    probe = parser.parse_args(base + ["--num-samples", "1"])
+    check_args(probe)
+    variants = [({}, {}, {})]
+    for feature in features:  # how many condition groups (classes, prompts) the plan cycles through
+        variants = feature.variants(probe, loaded, variants)
+    per_group = math.ceil(args.num_samples / len(variants))
+    plan = make_plan(parser.parse_args(base + ["--num-samples", str(per_group)]), loaded, features, settings)
+    items = interleave(plan.items, len(variants), args.num_samples)
+    out = Path(args.sample_dir) if args.sample_dir else Path(args.out).with_name(Path(args.out).stem + "_samples")
+    paths = [out / f"sample_{i:05d}.png" for i in range(len(items))]
+    todo = [i for i, (path, item) in enumerate(zip(paths, items)) if not png_matches(path, item.meta)]
+    if len(todo) < len(items):
+        print(f"reusing {len(items) - len(todo)} matching samples in {out}")
+    chunk = args.batch_size * 4
+    for start in tqdm(range(0, len(todo), chunk), desc=f"sampling {len(todo)} images", leave=False):
+        batch = todo[start:start + chunk]
+        images = run_plan(loaded, dataclasses.replace(plan, items=[items[i] for i in batch]), sampler, steps, scale,
+                          args.batch_size, progress=False)
+        for i, image in zip(batch, images):
+            save_png(image, paths[i], items[i].meta)
+    info = {"source": "checkpoint", "checkpoint": str(loaded.path), "step": loaded.info.step, "sample_dir": str(out),
+            "sampler": sampler, "steps": steps, "guidance_scale": scale, "seed": args.seed, "groups": len(variants),
+            "extra_options": rest, "resolution": image_size(paths[0]), "trained_on": loaded.cfg.data}
+    return paths, info
+
+
+def number(text: str | None, kind: type) -> int | float | None:
+    try:
+        return kind(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def directory_samples(args: argparse.Namespace) -> tuple[list[Path], dict]:
+    files = image_files(Path(args.samples))
+    if len(files) < 2:
+        raise UserError(f"{args.samples} holds {len(files)} images; FID needs at least 2")
+    if len(files) < args.num_samples:
+        print(f"note: scoring all {len(files)} images in {args.samples} (fewer than --num-samples {args.num_samples}); "
+              "FID is biased upwards at small n, compare only at equal n")
+    files = files[:args.num_samples]
+    jpegs = sum(p.suffix.lower() in (".jpg", ".jpeg") for p in files)
+    if jpegs:
+        print(f"note: {jpegs} sample images are JPEG; compression artefacts raise FID (sample.py writes PNG)")
+    with Image.open(files[0]) as first:
+        meta = dict(getattr(first, "text", {}))
+    info = {"source": "directory", "sample_dir": str(Path(args.samples).resolve()), "sampler": meta.get("sampler"),
+            "steps": number(meta.get("steps"), int), "resolution": image_size(files[0]),
+            "guidance_scale": number(meta.get("guidance_scale"), float),
+            "checkpoint": meta.get("checkpoint"), "settings_from": "PNG metadata of the first image" if meta else None}
+    return files, info
+
+
+def is_image_dir(path: Path) -> bool:
+    return path.is_dir() and any(True for _ in image_files(path))
+
+
+def print_report(report: dict) -> None:
+    s, r = report["samples"], report["reference"]
+    setting = f"{s['sampler']}, {s['steps']} steps, guidance {s['guidance_scale']}" if s.get("sampler") else "settings unknown"
+    print(f"FID {report['fid']:.4f}   KID {report['kid_mean']:.6f} ± {report['kid_std']:.6f} "
+          f"({report['kid_subsets']} subsets of {report['kid_subset_size']})")
+    print(f"n={report['n']} samples ({setting}) against {r['n']} images of {r['reference']} at {r['resolution']}px; "
+          f"features: {report['feature_extractor']['name']}")
+
+
+def run(parsed: tuple[argparse.Namespace, list[str]]) -> dict:
+    args, rest = parsed
+    if args.num_samples < 2 or args.batch_size <= 0:
+        raise UserError("--num-samples must be at least 2 and --batch-size positive")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not Path(args.samples).exists():
+        raise UserError(f"--samples {args.samples} not found: give a directory of images or a run/checkpoint directory")
+    extractor = build_extractor(args.feature_extractor, args.inception_weights, args.inception_resize, device)
+    if is_image_dir(Path(args.samples)):
+        if rest:
+            raise UserError(f"unknown options {' '.join(rest)} (sampling options need --samples CHECKPOINT)")
+        paths, info = directory_samples(args)
+    else:
+        paths, info = generate(args, rest, device)
+    trained_on = info.pop("trained_on", None)
+    data = reference_config(args.reference, args.reference_split, args.reference_root, trained_on, info["resolution"])
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    ref, ref_info = reference_stats(data, args.reference_num, extractor, cache_dir, args.batch_size, args.workers)
+    batches = tqdm(image_batches(paths, args.batch_size), total=-(-len(paths) // args.batch_size),
+                   desc="sample features", leave=False)
+    fake = accumulate((extractor(images) for images in batches), len(paths))
+    result = scores(ref, fake, args.kid_subsets, args.kid_subset_size)
+    report = {"n": len(paths), **result, "sampler": info.get("sampler"), "steps": info.get("steps"),
+              "guidance_scale": info.get("guidance_scale"), "reference": ref_info,
+              "feature_extractor": {"name": extractor.name, "key": extractor.key, "dim": ref.dim},
+              "samples": info, "device": str(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "protocol": "PNG samples scored as uint8; reference resized+cropped to the samples' resolution, uint8"}
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2))
+    print_report(report)
+    print(f"report: {args.out}")
+    return report

@@ -1,0 +1,81 @@
+"""sample.py feature: in-painting (`--image in.png --mask mask.png`).
+
+Mask files: white = region to generate, black = keep (`--invert-mask` flips them). The image is
+resized and centre-cropped to the model's resolution and the mask gets the same transform.
+In-painting checkpoints (model.inpaint: true) use their mask channels by default; any other
+checkpoint in-paints with `replace` (or `repaint`). The known pixels are pasted back into every
+result, and `strip_NNNN.png` (input | mask overlay | result) is written beside each sample.
+In-painting checkpoints sampled without --image generate from an all-unknown mask.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .. import inpaint
+from ..errors import UserError
+from ..generate import LoadedModel, SamplingPlan, save_png
+
+
+class InpaintFeature:
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("in-painting")
+        group.add_argument("--image", default=None, help="image to in-paint (resized and centre-cropped to the model)")
+        group.add_argument("--mask", default=None, help="mask file: white = region to generate, black = keep")
+        group.add_argument("--invert-mask", action="store_true", help="the mask file marks what to keep in white")
+        group.add_argument("--inpaint-method", choices=inpaint.METHODS, default=None,
+                           help="channels (in-painting checkpoints, their default), replace (default otherwise) "
+                                "or repaint (replace plus RePaint's resampling jumps)")
+        group.add_argument("--jump-length", type=int, default=5, help="repaint: steps per jump back in time")
+        group.add_argument("--jump-n-sample", type=int, default=5,
+                           help="repaint: times each stretch is denoised (1 = no jumps, plain replace)")
+
+    def method(self, args: argparse.Namespace, loaded: LoadedModel) -> str:
+        method = args.inpaint_method or inpaint.default_method(loaded.cfg)
+        inpaint.check_method(method, loaded.cfg, args.sampler or loaded.cfg.sample.sampler)
+        return method
+
+    def variants(self, args, loaded, variants):
+        if args.image is None:
+            if args.mask is not None or args.inpaint_method is not None or args.invert_mask:
+                raise UserError("--mask, --invert-mask and --inpaint-method need --image IMAGE")
+            if not inpaint.is_inpaint_model(loaded.cfg):
+                return variants
+            res = loaded.cfg.data.resolution  # plain generation: nothing known
+            blank = {"channels": torch.zeros(1, 4, res, res)}
+            return [({**cond, **blank}, {**meta, "inpaint": "all unknown"}, extra) for cond, meta, extra in variants]
+        if args.mask is None:
+            raise UserError("--image needs --mask MASK (white = region to generate, black = keep)")
+        method = self.method(args, loaded)
+        res = loaded.cfg.data.resolution
+        image = inpaint.load_image(args.image, res)
+        keep = inpaint.load_mask(args.mask, res, args.invert_mask)
+        inpaint.warn_coverage(keep)
+        added = inpaint.inpaint_condition(loaded.cfg, image, keep, method)
+        info = {"image": str(args.image), "mask": str(args.mask), "invert_mask": str(args.invert_mask),
+                "inpaint_method": method}
+        if method == "repaint":
+            info.update(jump_length=str(args.jump_length), jump_n_sample=str(args.jump_n_sample))
+        return [({**cond, **added}, {**meta, **info}, {**extra, **inpaint.inpaint_extra(image, keep)})
+                for cond, meta, extra in variants]
+
+    def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
+        if args.image is None:
+            return
+        inpaint.add_to_plan(plan, self.method(args, loaded), args.jump_length, args.jump_n_sample)
+        position = {id(item): index for index, item in enumerate(plan.items)}
+        out = Path(args.out)
+
+        def write_strips(images: torch.Tensor, items: list) -> torch.Tensor:
+            """input | mask overlay | result for each sample, beside sample_NNNN.png."""
+            for image, item in zip(images, items):
+                picture = inpaint.strip(item.extra["inpaint_image"], item.extra["inpaint_keep"], image)
+                save_png(inpaint.upscale(picture), out / f"strip_{position[id(item)]:04d}.png", item.meta)
+            return images
+
+        plan.finishers.append(write_strips)
+
+
+FEATURE = InpaintFeature()

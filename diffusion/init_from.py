@@ -1,0 +1,81 @@
+"""Start a run from a trained checkpoint's EMA weights (`init_from: PATH` in the config).
+
+Used to fine-tune an in-painting model from a base model, as GLIDE does: the U-Net's input
+convolution is widened for the extra channels (masked image + keep-mask), and the new input
+channels start at zero, so at step 0 the in-painting model predicts exactly what the base does.
+Every other parameter must have the same shape as in the base checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .errors import UserError
+from .training import checkpoint as ckpt
+
+INPUT_CONV = "unet.conv_in.weight"
+# Settings the base and the new run must share for "step 0 = the base model" to hold; the weights'
+# shapes cannot show them (a U-Net runs at any resolution, under any schedule).
+MUST_MATCH = ("data.resolution", "diffusion.num_train_timesteps", "diffusion.beta_schedule",
+              "diffusion.prediction_type", "model.condition")
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def check_settings(base: Config, cfg: Config, path: str | Path) -> None:
+    """Refuse a base trained with another resolution, noise schedule, parameterisation or condition."""
+    differ = [f"{key}={_get(base, key)!r} there but {_get(cfg, key)!r} here" for key in MUST_MATCH
+              if _get(base, key) != _get(cfg, key)]
+    if differ:
+        raise UserError(f"init_from {path}: the base run was trained with other settings: {'; '.join(differ)}. "
+                        "Set them to the base run's values")
+
+
+def widen_input(base: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Base input-conv weight (O, C, k, k) padded with zero input channels to target's (O, C + e, k, k)."""
+    out = torch.zeros_like(target)
+    out[:, : base.shape[1]] = base.to(target.dtype)
+    return out
+
+
+def _fits_widened(name: str, base: torch.Tensor, target: torch.Tensor) -> bool:
+    return (name == INPUT_CONV and base.dim() == target.dim() == 4 and base.shape[0] == target.shape[0]
+            and base.shape[2:] == target.shape[2:] and base.shape[1] < target.shape[1])
+
+
+def initialise_from(model: torch.nn.Module, path: str | Path, cfg: Config | None = None) -> dict[str, list[str]]:
+    """Load the EMA weights of the checkpoint (or run directory) at `path` into `model`.
+
+    Returns {"widened": [...], "copied": [...]} parameter names. Raises UserError naming the
+    first parameters that do not fit, or (given the new run's `cfg`) the settings that differ from
+    the base run's, since a silently partial or mismatched start would waste a training run.
+    """
+    directory = ckpt.resolve_checkpoint(path)
+    if cfg is not None:
+        check_settings(ckpt.read_config(directory), cfg, path)
+    base = ckpt.read_weights(directory)
+    state = model.state_dict()
+    missing = [k for k in state if k not in base]
+    unexpected = [k for k in base if k not in state]
+    mismatched = [k for k in state if k in base and base[k].shape != state[k].shape
+                  and not _fits_widened(k, base[k], state[k])]
+    if missing or unexpected or mismatched:
+        problems = [f"{len(missing)} parameters missing from it (e.g. {missing[0]})" if missing else "",
+                    f"{len(unexpected)} it has that this model lacks (e.g. {unexpected[0]})" if unexpected else "",
+                    (f"{len(mismatched)} of another shape (e.g. {mismatched[0]}: {tuple(base[mismatched[0]].shape)} "
+                     f"there, {tuple(state[mismatched[0]].shape)} here)") if mismatched else ""]
+        raise UserError(
+            f"init_from {path}: the checkpoint does not fit this model: {'; '.join(p for p in problems if p)}. "
+            f"Use the base run's model, data.resolution and condition settings ({directory / ckpt.CONFIG_FILE}); "
+            "only model.inpaint may differ"
+        )
+    widened = [k for k in state if base[k].shape != state[k].shape]
+    loaded = {k: widen_input(base[k], state[k]) if k in widened else base[k].to(state[k].dtype) for k in state}
+    model.load_state_dict(loaded)
+    print(f"initialised from {directory}" + (f" (widened {', '.join(widened)} with zero channels)" if widened else ""))
+    return {"widened": widened, "copied": [k for k in state if k not in widened]}
