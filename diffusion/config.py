@@ -202,6 +202,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item, key) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is str and isinstance(value, bool):
+        value = "yes" if value else "no"  # YAML 1.1 reads `no` (as in mixed_precision: no) as False
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise UserError(f"config key '{key}' expects {hint.__name__}, got {value!r}")

@@ -42,3 +42,7 @@ def test_cli_reports_config_errors_in_one_line():
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_yaml_no_stays_a_string_for_string_keys():
+    assert load_config(ROOT / "configs/shapes.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
