@@ -23,7 +23,7 @@ from ..guidance import GuidanceTerm, StepInfo, gradient_term
 from ..schedule import epsilon_to_x0
 
 PRETRAINED_PREFIX = "open_clip:"
-DEFAULT_SCALE = 1.0
+DEFAULT_SCALE = 10.0  # the best measured on shapes (noise-aware CLIP, DDPM mean form); sweep it per model
 CUTOUT_SEED_OFFSET = 1_000_003  # cutout generators: seed + offset, separate from the sampling noise
 CUTOUT_MIN_SIZE = 0.5  # smallest cutout side, as a fraction of the image side
 
