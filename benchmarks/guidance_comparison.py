@@ -7,7 +7,7 @@ sample count, and is scored by the same pixel detector (diffusion.evaluate.shape
   clip        the unconditional denoiser + a noise-aware CLIP, prompt "a red circle", CLIP scale s
 Methods whose checkpoint is missing are skipped with a note.
 
-  python benchmarks/guidance_comparison.py --num-samples 120 --json /tmp/runs/guidance_comparison.json
+  python benchmarks/guidance_comparison.py --num-samples 120 --json guidance_comparison.json
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from diffusion.evaluate.shapes_accuracy import _floats, accuracy  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text-model", default="/tmp/runs/shapes_text", help="caption-conditioned denoiser (CFG)")
-    parser.add_argument("--uncond", default="/tmp/runs/shapes_uncond", help="unconditional denoiser (classifier, CLIP)")
-    parser.add_argument("--classifier", default="/tmp/runs/classifier_shapes")
-    parser.add_argument("--clip", default="/tmp/runs/clip_shapes")
+    parser.add_argument("--text-model", default="runs/shapes_text", help="caption-conditioned denoiser (CFG)")
+    parser.add_argument("--uncond", default="runs/shapes_uncond", help="unconditional denoiser (classifier, CLIP)")
+    parser.add_argument("--classifier", default="runs/classifier_shapes")
+    parser.add_argument("--clip", default="runs/clip_shapes")
     parser.add_argument("--cfg-scales", default="0,1,2,3,5")
     parser.add_argument("--classifier-scales", default="0,1,3,10")
     parser.add_argument("--clip-scales", default="0,1,3,10")

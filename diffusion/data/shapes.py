@@ -122,9 +122,12 @@ def detect(image: torch.Tensor) -> tuple[str | None, str | None]:
     mean = rgb[:, fg].mean(axis=1)
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
     colour = COLOUR_NAMES[int(np.argmin(((palette - mean) ** 2).sum(axis=1)))]
-    # Soft extents: partial edge pixels count by how much of them the shape covers.
-    width, height = coverage.max(axis=0).sum(), coverage.max(axis=1).sum()
-    fill = coverage.sum() / (width * height)
+    # Soft extents, measured in the foreground's bounding box plus a 1-pixel rim: partial edge
+    # pixels count by how much of them the shape covers, and faint noise elsewhere does not.
+    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    box = coverage[max(rows[0] - 1, 0):rows[-1] + 2, max(cols[0] - 1, 0):cols[-1] + 2]
+    width, height = box.max(axis=0).sum(), box.max(axis=1).sum()
+    fill = box.sum() / (width * height)
     shape = "triangle" if fill < 0.64 else "circle" if fill < 0.89 else "square"
     return colour, shape
 
