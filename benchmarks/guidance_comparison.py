@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion.data.shapes import CLASS_NAMES  # noqa: E402
 from diffusion.errors import exit_on_user_error  # noqa: E402
-from diffusion.evaluate.shapes_accuracy import _floats, accuracy  # noqa: E402
+from diffusion.evaluate.shapes_accuracy import _floats, accuracy, class_samples  # noqa: E402
+from diffusion.generate import save_grid  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--grid", default=None, help="also draw a PNG: per method, 2 rows of the 12 classes at its best scale")
     return parser.parse_args(argv)
 
 
@@ -76,7 +78,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("best: " + ", ".join(f"{m} {r['accuracy']:.3f} (scale {r['scale']:g})" for m, r in best.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.grid and best:
+        draw_grid(args, common, best, Path(args.grid))
     return rows
+
+
+def draw_grid(args: argparse.Namespace, common: list[str], best: dict[str, dict], path: Path, per_class: int = 2) -> None:
+    """Rows of the 12 classes, `per_class` rows per method at its best scale, the same seeds for all."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for name, denoiser, extra, swept, _ in methods(args):
+        if name not in best:
+            continue
+        scale = best[name]["scale"]
+        settings = {swept: scale} if swept == "guidance_scale" else {"guidance_scale": 0.0, swept: scale}
+        probe = argparse.Namespace(checkpoint=denoiser, num_samples=per_class * len(CLASS_NAMES))
+        images = class_samples(probe, [*common, *extra], settings)
+        rows.append(images.view(len(CLASS_NAMES), per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1))
+        print(f"grid rows {len(rows) * per_class - per_class + 1}-{len(rows) * per_class}: {name} at scale {scale:g}")
+    grid = F.interpolate(torch.cat(rows).float(), scale_factor=3, mode="nearest")
+    save_grid(grid, path, nrow=len(CLASS_NAMES))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from ..data.shapes import CLASS_NAMES, class_attributes, detect_label
 from ..errors import UserError
 from ..generate import load_model, run_plan
@@ -45,8 +47,11 @@ def class_request(label: int, use_prompt: bool) -> list[str]:
     return ["--prompt", f"a {colour} {shape}"] if use_prompt else ["--class-label", str(label)]
 
 
-def accuracy(args: argparse.Namespace, rest: list[str], settings: dict[str, float]) -> float:
-    """Fraction of samples whose detected class is the requested one."""
+def class_samples(args: argparse.Namespace, rest: list[str], settings: dict[str, float]) -> torch.Tensor:
+    """Samples asking for each class in turn, `ceil(num_samples / 12)` per class, class-major order.
+
+    Class `label` uses seeds `label * 100000 + i`, so every setting and method sees the same noise.
+    """
     features = load_features()
     parser = build_parser(features)
     per_class = max(1, math.ceil(args.num_samples / len(CLASS_NAMES)))
@@ -58,7 +63,7 @@ def accuracy(args: argparse.Namespace, rest: list[str], settings: dict[str, floa
     if loaded.cfg.data.name != "shapes":
         raise UserError(f"shapes-accuracy needs a shapes model; {args.checkpoint} was trained on {loaded.cfg.data.name}")
     use_prompt = loaded.cfg.model.condition == "text" or getattr(probe, "clip", None) is not None
-    correct = total = 0
+    out = []
     for label in range(len(CLASS_NAMES)):
         sample_args = parser.parse_args(base + class_request(label, use_prompt) + ["--seed", str(label * 100_000)])
         check_args(sample_args)
@@ -66,10 +71,15 @@ def accuracy(args: argparse.Namespace, rest: list[str], settings: dict[str, floa
         steps = sample_args.steps or loaded.cfg.sample.steps
         scale = settings.get("guidance_scale", loaded.cfg.sample.guidance_scale)
         plan = make_plan(sample_args, loaded, features, {})
-        images = run_plan(loaded, plan, sampler, steps, scale, sample_args.batch_size, progress=False)
-        correct += sum(detect_label(img) == label for img in images)
-        total += len(images)
-    return correct / total
+        out.append(run_plan(loaded, plan, sampler, steps, scale, sample_args.batch_size, progress=False))
+    return torch.cat(out)
+
+
+def accuracy(args: argparse.Namespace, rest: list[str], settings: dict[str, float]) -> float:
+    """Fraction of samples whose detected class is the requested one."""
+    images = class_samples(args, rest, settings)
+    per_class = len(images) // len(CLASS_NAMES)
+    return sum(detect_label(img) == i // per_class for i, img in enumerate(images)) / len(images)
 
 
 def _default_device() -> str:
