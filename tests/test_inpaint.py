@@ -184,3 +184,32 @@ def test_end_to_end_base_to_inpaint_finetune_to_sample(tiny_run, tmp_path, capsy
     with pytest.raises(SystemExit):
         sample_main(["--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--out", str(out)])
     assert "--mask" in capsys.readouterr().err
+
+
+def test_caption_model_inpaints_with_a_prompt_and_cfg(tmp_path):
+    """A caption-conditioned base, widened by init_from, in-paints from --prompt with CFG; known pixels stay."""
+    from diffusion.generate import to_pil
+    from diffusion.sample_cli import main as sample_main
+    from diffusion.training.trainer import train
+
+    text = ["model.text.width=16", "model.text.layers=1", "model.text.context_length=8", "train.max_steps=2"]
+    base, run = tmp_path / "base", tmp_path / "inpaint"
+    train(tiny_config(base, *text, config="configs/shapes_text.yaml"))
+    train(tiny_config(run, *text, "model.inpaint=true", f"init_from={base}", config="configs/shapes_text.yaml"))
+    photo = (np.random.default_rng(2).random((8, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    white = np.zeros((8, 8), np.uint8)
+    white[2:6, 2:6] = 255
+    Image.fromarray(white, mode="L").save(tmp_path / "mask.png")
+    out = tmp_path / "samples"
+    sample_main(["--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--prompt", "a green square", "--guidance-scale", "3", "--num-samples", "2", "--steps", "3",
+                 "--out", str(out)])
+    expected = np.asarray(to_pil(inpaint.load_image(tmp_path / "in.png", 8)[0]))
+    keep = ~white.astype(bool)
+    for i in range(2):
+        result = Image.open(out / f"sample_{i:04d}.png")
+        assert result.text["prompt"] == "a green square" and result.text["inpaint_method"] == "channels"
+        assert result.text["guidance_scale"] == "3.0"
+        assert np.array_equal(np.asarray(result)[keep], expected[keep])
+        assert not np.array_equal(np.asarray(result)[~keep], expected[~keep])  # the hole was generated
