@@ -51,6 +51,11 @@ def methods(args: argparse.Namespace) -> list[tuple[str, str, list[str], str, li
     ]
 
 
+def settings_for(swept: str, scale: float) -> dict[str, float]:
+    """The swept scale; classifier and CLIP guidance run on the unconditional model without CFG."""
+    return {swept: scale} if swept == "guidance_scale" else {"guidance_scale": 0.0, swept: scale}
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{name:<11}| skipped: {', '.join(missing)} not found")
             continue
         for scale in scales:
-            settings = {swept: scale} if swept == "guidance_scale" else {"guidance_scale": 0.0, swept: scale}
+            settings = settings_for(swept, scale)
             probe = argparse.Namespace(checkpoint=denoiser, num_samples=args.num_samples)
             acc = accuracy(probe, [*common, *extra], settings)
             rows.append({"method": name, "denoiser": denoiser, "scale": scale, "accuracy": acc, "n": n})
@@ -93,7 +98,7 @@ def draw_grid(args: argparse.Namespace, common: list[str], best: dict[str, dict]
         if name not in best:
             continue
         scale = best[name]["scale"]
-        settings = {swept: scale} if swept == "guidance_scale" else {"guidance_scale": 0.0, swept: scale}
+        settings = settings_for(swept, scale)
         probe = argparse.Namespace(checkpoint=denoiser, num_samples=per_class * len(CLASS_NAMES))
         images = class_samples(probe, [*common, *extra], settings)
         rows.append(images.view(len(CLASS_NAMES), per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1))

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import device_from, header, parse_list, table, write_json  # noqa: E402
+from benchmarks.common import header, parse_list, table, write_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,12 +45,12 @@ def worker(args: argparse.Namespace) -> dict:
 
     from benchmarks.common import autocast, cuda_peak, peak_rss_mib, resolve_num_classes, synthetic_batch
     from diffusion.config import load_config
-    from diffusion.generate import LoadedModel, SampleItem, SamplingPlan, run_plan
+    from diffusion.generate import LoadedModel, SampleItem, SamplingPlan, pick_device, run_plan
     from diffusion.schedule import build_train_scheduler
     from diffusion.training.checkpoint import TrainState
     from diffusion.training.tasks import build_task
 
-    device = device_from(args.device)
+    device = pick_device(args.device)
     cfg = load_config(args.config)
     resolve_num_classes(cfg)
     task = build_task(cfg)
@@ -109,9 +109,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(worker(args)))
         return []
     from diffusion.config import load_config
+    from diffusion.generate import pick_device
 
     configs = parse_list(args.configs) if args.configs else sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
-    device = device_from(args.device)
+    device = pick_device(args.device)
     print(f"# peak memory, one subprocess per row; {header(device)}")
     rows = []
     for config in configs:

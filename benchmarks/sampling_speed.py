@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (autocast, device_from, header, parse_list, set_threads, setup_cuda,  # noqa: E402
+from benchmarks.common import (autocast, header, parse_list, set_threads, setup_cuda,  # noqa: E402
                                table, timed, write_json)
-from diffusion.generate import SampleItem, SamplingPlan, load_model, run_plan, to_uint8  # noqa: E402
+from diffusion.generate import SampleItem, SamplingPlan, load_model, pick_device, run_plan, to_uint8  # noqa: E402
 
 DEFAULT_SETTINGS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,dpmsolver:10,dpmsolver:20"
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-num", type=int, default=0, help="reference images for FID (0 = all)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    gpu = device_from(args.device).type == "cuda"
+    gpu = pick_device(args.device).type == "cuda"
     args.num_samples = args.num_samples or (1200 if gpu else 48)
     args.batch_size = args.batch_size or min(args.num_samples, 400)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
@@ -98,7 +98,7 @@ class FidScorer:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    device = device_from(args.device)
+    device = pick_device(args.device)
     set_threads(args.threads)
     setup_cuda(device)
     loaded = load_model(args.checkpoint, device)

@@ -21,9 +21,10 @@ import torch  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.common import (autocast, device_from, header, parse_list, peak_tflops, resolve_num_classes,  # noqa: E402
+from benchmarks.common import (autocast, header, parse_list, peak_tflops, resolve_num_classes,  # noqa: E402
                                set_threads, setup_cuda, synthetic_batch, table, timed, write_json)
 from diffusion.config import load_config  # noqa: E402
+from diffusion.generate import pick_device  # noqa: E402
 from diffusion.training.tasks import build_task  # noqa: E402
 
 VARIANTS = ("eager", "channels_last", "compile", "compile+channels_last")
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: table by GPU name)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    gpu = device_from(args.device).type == "cuda"
+    gpu = pick_device(args.device).type == "cuda"
     args.batch_sizes = parse_list(args.batch_sizes or ("64,128,256" if gpu else "4,8"), int)
     args.variants = parse_list(args.variants or (",".join(VARIANTS) if gpu else "eager,channels_last"))
     args.dtypes = parse_list(args.dtypes or ("bf16,fp32" if gpu else "fp32"))
@@ -117,7 +118,7 @@ def measure(cfg, args, device: torch.device, batch_size: int, variant: str, dtyp
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    device = device_from(args.device)
+    device = pick_device(args.device)
     set_threads(args.threads)
     setup_cuda(device)
     cfg = load_config(args.config, args.overrides)

@@ -8,7 +8,6 @@ timestep bucket on held-out data (CSV + PNG).
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import open_clip
@@ -19,17 +18,12 @@ from torch import nn
 
 from .config import Config
 from .errors import UserError
+from .models.text import tokenize
 from .schedule import build_train_scheduler
 from .training.tasks import register_task
 
 DIAGNOSTICS_DIR = "diagnostics"
 REPORT_NAME = "clip_retrieval"
-
-
-@functools.lru_cache(maxsize=4)
-def tokenizer(context_length: int) -> open_clip.SimpleTokenizer:
-    """open_clip's BPE tokenizer (its vocabulary ships with the package: no download)."""
-    return open_clip.SimpleTokenizer(context_length=context_length)
 
 
 class NoisyCLIP(nn.Module):
@@ -85,7 +79,7 @@ class NoisyCLIP(nn.Module):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         device = self.clip.logit_scale.device
-        return tokenizer(self.context_length)(list(texts)).to(device)
+        return tokenize(texts, self.context_length).to(device)
 
     def encode_prompts(self, texts: list[str]) -> torch.Tensor:
         return self.encode_text(self.tokenize(texts))

@@ -32,6 +32,11 @@ class LoadedModel:
     path: Path
 
 
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """The named device, else CUDA when available, else CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Any task's model from a checkpoint or run directory, with its EMA weights."""
     from .training.tasks import build_task

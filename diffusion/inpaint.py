@@ -34,7 +34,8 @@ from .data.common import image_transform, load_rgb
 from .errors import UserError
 from .guidance import GuidanceTerm, ModelFn, StepInfo
 from .inpaint_masks import training_keep_masks
-from .sampling import PostStep, denoise_step
+from .models.denoiser import INPAINT_CHANNELS
+from .sampling import PostStep, denoise_step, noise_from
 
 METHODS = ("channels", "replace", "repaint")
 ALMOST = 0.02  # warn when less than this fraction of the mask is black (or white)
@@ -111,6 +112,11 @@ def inpaint_channels(image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.cat([image * keep, keep], dim=1)
 
 
+def unknown_channels(batch: int, resolution: int) -> torch.Tensor:
+    """The channels of an all-unknown mask (nothing known: plain generation)."""
+    return torch.zeros(batch, INPAINT_CHANNELS, resolution, resolution)
+
+
 def training_channels(x0: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Extra input channels for one training batch, with masks drawn as `cfg.inpaint` says."""
     keep = training_keep_masks(x0.shape[0], x0.shape[-1], cfg.inpaint).to(x0.device)
@@ -147,7 +153,7 @@ def inpaint_condition(cfg: Config, image: torch.Tensor, keep: torch.Tensor, meth
         return {}
     if method == "channels":
         return {"channels": inpaint_channels(image, keep)}
-    return {"channels": torch.zeros(image.shape[0], 4, *image.shape[-2:])}
+    return {"channels": unknown_channels(image.shape[0], image.shape[-1])}
 
 
 def inpaint_extra(image: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -183,8 +189,7 @@ def replace_hook(known: torch.Tensor, keep: torch.Tensor) -> PostStep:
         target = known.to(x.device, x.dtype)
         if info.next_t is not None and info.next_t >= 0:
             ab = info.scheduler.alphas_cumprod.to(x.device)[info.next_t].to(x.dtype)
-            noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
-                                 for g in info.generators])
+            noise = noise_from(info.generators, x.shape[1:], x.device, x.dtype)
             target = ab.sqrt() * target + (1 - ab).sqrt() * noise
         return paste_back(x, target, keep)
 
@@ -218,7 +223,7 @@ def repaint_schedule(steps: int, jump_length: int, jump_n_sample: int) -> list[i
 def renoise(x: torch.Tensor, ab_from: float, ab_to: float, generators: list[torch.Generator]) -> torch.Tensor:
     """Sample q(x_to | x_from): forward diffusion from a less noisy level to a noisier one."""
     ratio = ab_to / ab_from
-    noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generators])
+    noise = noise_from(generators, x.shape[1:], x.device, x.dtype)
     return ratio ** 0.5 * x + (1 - ratio) ** 0.5 * noise
 
 

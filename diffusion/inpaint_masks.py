@@ -125,3 +125,12 @@ def seeded_keep_mask(kind: str, resolution: int, seed: int, cfg: InpaintConfig |
         raise UserError(f"unknown mask type '{kind}': choose from {', '.join(MASK_TYPES)}")
     gen = torch.Generator().manual_seed(int(seed))
     return 1.0 - HOLES[kind](1, resolution, cfg or InpaintConfig(), gen)
+
+
+def seeded_mask_grid(kinds: list[str], num_images: int, resolution: int, seed: int) -> torch.Tensor:
+    """Keep-masks (num_images * len(kinds), 1, R, R): every kind for image 0, then image 1, ...
+
+    Mask j is drawn from seed + j, so a demo and an evaluation with the same seed use the same masks.
+    """
+    kinds_per_image = [kind for _ in range(num_images) for kind in kinds]
+    return torch.cat([seeded_keep_mask(kind, resolution, seed + j) for j, kind in enumerate(kinds_per_image)])

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from .errors import UserError, exit_on_user_error
-from .generate import LoadedModel, SampleItem, SamplingPlan, load_model, run_plan, save_grid, save_png
+from .generate import LoadedModel, SampleItem, SamplingPlan, load_model, pick_device, run_plan, save_grid, save_png
 from .schedule import SAMPLERS
 
 Variant = tuple[dict[str, torch.Tensor], dict[str, str], dict]  # (cond, meta, extra) shared by a group of samples
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     features = load_features()
     args = build_parser(features).parse_args(argv)
     check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     loaded = load_model(args.checkpoint, device)
     if getattr(loaded.cfg, "task", "denoiser") != "denoiser":
         raise UserError(f"{args.checkpoint} is a {loaded.cfg.task} checkpoint; --checkpoint needs a denoiser")

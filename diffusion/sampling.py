@@ -18,12 +18,17 @@ from .schedule import alpha_bar
 PostStep = Callable[[torch.Tensor, StepInfo], torch.Tensor]
 
 
+def noise_from(generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(len(generators), *shape) standard normal noise, sample i drawn from generator i."""
+    return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])
+
+
 def seeded_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.device | str = "cpu"
                  ) -> tuple[torch.Tensor, list[torch.Generator]]:
     """Starting noise (len(seeds), *shape) and the per-sample generators that drew it."""
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
-    return noise, generators
+    return noise_from(generators, shape, device), generators
 
 
 def step_options(scheduler: SchedulerMixin) -> dict:

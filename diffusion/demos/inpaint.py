@@ -16,8 +16,8 @@ from torchvision.utils import make_grid
 
 from .. import inpaint
 from ..errors import UserError, exit_on_user_error
-from ..generate import load_model, to_pil
-from ..inpaint_masks import MASK_TYPES, seeded_keep_mask
+from ..generate import load_model, pick_device, to_pil
+from ..inpaint_masks import MASK_TYPES, seeded_mask_grid
 from ..io import atomic_write
 from ..schedule import SAMPLERS
 
@@ -59,15 +59,14 @@ def main(argv: list[str] | None = None) -> Path:
     kinds = [k.strip() for k in args.mask_types.split(",") if k.strip()]
     if not kinds or args.num_images <= 0:
         raise UserError("--mask-types needs at least one type and --num-images must be positive")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     loaded = load_model(args.checkpoint, device)
     res = loaded.cfg.data.resolution
     method = args.method or inpaint.default_method(loaded.cfg)
     sampler = args.sampler or ("ddim" if method == "repaint" else loaded.cfg.sample.sampler)
     photos, _ = inpaint.load_image_folder(args.images, res, args.num_images)
     images = photos.repeat_interleave(len(kinds), 0)
-    keeps = torch.cat([seeded_keep_mask(kind, res, args.seed + i * len(kinds) + k)
-                       for i in range(len(photos)) for k, kind in enumerate(kinds)])
+    keeps = seeded_mask_grid(kinds, len(photos), res, args.seed)
     results = inpaint.run_inpainting(loaded, images, keeps, method, sampler=sampler, steps=args.steps or loaded.cfg.sample.steps,
                                      guidance_scale=args.guidance_scale, seed=args.seed, jump_length=args.jump_length,
                                      jump_n_sample=args.jump_n_sample, progress=True)

@@ -22,6 +22,14 @@ def bucket_accuracy(correct: torch.Tensor, t: torch.Tensor, num_timesteps: int, 
     return rows
 
 
+def format_table(rows: list[dict]) -> str:
+    """The rows as a printed table, one line per bucket."""
+    lines = ["bucket | t range   | n     | accuracy"]
+    for r in rows:
+        lines.append(f"{r['bucket']:>6} | {r['t_lo']:>4}-{r['t_hi']:<4} | {r['n']:<5} | {r['accuracy']:.3f}")
+    return "\n".join(lines)
+
+
 def write_bucket_report(rows: list[dict], out_dir: Path, name: str, title: str,
                         chance: float | None = None) -> tuple[Path, Path]:
     """Write `name.csv` and `name.png` (accuracy against t, with a dashed chance line if given) into `out_dir`."""

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..classifier import REPORT_NAME, held_out_accuracy
 from ..errors import UserError
-from ..generate import load_model
-from .buckets import write_bucket_report
+from ..generate import load_model, pick_device
+from ..training.checkpoint import run_dir_of
+from .buckets import format_table, write_bucket_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,29 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
 
-def run_dir(checkpoint: Path) -> Path:
-    """The run directory holding a checkpoint (RUN/checkpoints/step-N or RUN/final)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["bucket | t range   | n     | accuracy"]
-    for r in rows:
-        lines.append(f"{r['bucket']:>6} | {r['t_lo']:>4}-{r['t_hi']:<4} | {r['n']:<5} | {r['accuracy']:.3f}")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> list[dict]:
-    import torch
-
     if args.num_samples < 10 or args.batch_size <= 0:
         raise UserError("--num-samples must be at least 10 (one per bucket) and --batch-size positive")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     loaded = load_model(args.checkpoint, device)
     if loaded.cfg.task != "classifier":
         raise UserError(f"{args.checkpoint} is a {loaded.cfg.task} checkpoint; this command needs a task: classifier run")
     rows = held_out_accuracy(loaded.model, loaded.cfg, args.num_samples, args.seed, args.batch_size)
-    out = Path(args.out) if args.out else run_dir(loaded.path) / "eval"
+    out = Path(args.out) if args.out else run_dir_of(loaded.path) / "eval"
     chance = 1 / loaded.cfg.model.num_classes
     title = f"noisy classifier ({loaded.cfg.data.name}, step {loaded.info.step})"
     csv_path, png_path = write_bucket_report(rows, out, REPORT_NAME, title, chance=chance)

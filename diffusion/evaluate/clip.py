@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ..clip import DIAGNOSTICS_DIR, REPORT_NAME, retrieval_buckets, write_report
 from ..errors import UserError
-from ..generate import load_model
+from ..generate import load_model, pick_device
+from ..training.checkpoint import run_dir_of
+from .buckets import format_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,25 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
 
 
-def run_directory(checkpoint: Path) -> Path:
-    """The run a checkpoint belongs to (RUN/checkpoints/step-N or RUN/final -> RUN)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     if args.num_samples <= 0:
         raise UserError("--num-samples must be positive")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     loaded = load_model(args.checkpoint, device)
     if loaded.cfg.task != "clip":
         raise UserError(f"{args.checkpoint} is a {loaded.cfg.task} checkpoint; this evaluation needs a CLIP run (task: clip)")
     rows, chance = retrieval_buckets(loaded.model, loaded.cfg, args.num_samples, seed=args.seed, split=args.split)
-    out = Path(args.out) if args.out else run_directory(loaded.path) / DIAGNOSTICS_DIR
+    out = Path(args.out) if args.out else run_dir_of(loaded.path) / DIAGNOSTICS_DIR
     csv_path, png_path = write_report(rows, chance, out, REPORT_NAME)
     print(f"image->text retrieval on {args.split} ({loaded.path}, step {loaded.info.step}); chance {chance:.3f}")
-    print("t range   | n    | accuracy")
-    for row in rows:
-        print(f"{row['t_lo']:>4}-{row['t_hi']:<4} | {row['n']:<4} | {row['accuracy']:.3f}")
+    print(format_table(rows))
     print(f"wrote {csv_path} and {png_path}")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..data.common import load_rgb
 from ..errors import UserError
-from ..generate import SampleItem, load_model, run_plan, save_png
+from ..generate import SampleItem, load_model, pick_device, run_plan, save_png
 from ..io import atomic_write_text
 from .extractors import RESIZES, build_extractor
 from .feature_stats import KID_SUBSET_SIZE, KID_SUBSETS, accumulate, scores
@@ -195,7 +195,7 @@ def run(parsed: tuple[argparse.Namespace, list[str]]) -> dict:
     args, rest = parsed
     if args.num_samples < 2 or args.batch_size <= 0:
         raise UserError("--num-samples must be at least 2 and --batch-size positive")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if not Path(args.samples).exists():
         raise UserError(f"--samples {args.samples} not found: give a directory of images or a run/checkpoint directory")
     extractor = build_extractor(args.feature_extractor, args.inception_weights, args.inception_resize, device)

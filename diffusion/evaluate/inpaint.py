@@ -23,8 +23,8 @@ import torch
 from .. import inpaint
 from ..data import build_dataset
 from ..errors import UserError
-from ..generate import LoadedModel, load_model
-from ..inpaint_masks import MASK_TYPES, seeded_keep_mask
+from ..generate import LoadedModel, load_model, pick_device
+from ..inpaint_masks import MASK_TYPES, seeded_mask_grid
 from ..schedule import SAMPLERS
 
 
@@ -95,7 +95,7 @@ def methods_for(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     main = load_model(args.checkpoint, device)
     base = load_model(args.base_checkpoint, device) if args.base_checkpoint else main
     if base.cfg.data.resolution != main.cfg.data.resolution:
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     images, conds = held_out(main, args)
     images = images.repeat_interleave(len(kinds), 0)
     conds = [c for c in conds for _ in kinds]
-    keeps = torch.cat([seeded_keep_mask(kind, res, args.seed + i) for i, kind in enumerate(kinds * (len(images) // len(kinds)))])
+    keeps = seeded_mask_grid(kinds, len(images) // len(kinds), res, args.seed)
     rows = []
     header = ["method", "checkpoint", *kinds, "all", "known_max_abs", "seconds"]
     print(f"{len(images) // len(kinds)} images x {len(kinds)} mask types, sampler {args.sampler}, {steps} steps; "

@@ -19,7 +19,7 @@ import torch
 
 from ..data.shapes import CLASS_NAMES, class_attributes, detect_label
 from ..errors import UserError
-from ..generate import load_model, run_plan
+from ..generate import load_model, pick_device, run_plan
 from ..sample_cli import build_parser, check_args, load_features, make_plan
 
 PASS_UNKNOWN = True
@@ -59,7 +59,7 @@ def class_samples(args: argparse.Namespace, rest: list[str], settings: dict[str,
     for key, value in settings.items():
         base += [f"--{key.replace('_', '-')}", str(value)]
     probe = parser.parse_args(base)
-    loaded = load_model(probe.checkpoint, getattr(probe, "device", None) or _default_device())
+    loaded = load_model(probe.checkpoint, pick_device(getattr(probe, "device", None)))
     if loaded.cfg.data.name != "shapes":
         raise UserError(f"shapes-accuracy needs a shapes model; {args.checkpoint} was trained on {loaded.cfg.data.name}")
     use_prompt = loaded.cfg.model.condition == "text" or getattr(probe, "clip", None) is not None
@@ -80,12 +80,6 @@ def accuracy(args: argparse.Namespace, rest: list[str], settings: dict[str, floa
     images = class_samples(args, rest, settings)
     per_class = len(images) // len(CLASS_NAMES)
     return sum(detect_label(img) == i // per_class for i, img in enumerate(images)) / len(images)
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run(parsed: tuple[argparse.Namespace, list[str]]) -> None:

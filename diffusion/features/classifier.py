@@ -24,6 +24,13 @@ FORMS = ("eps", "mean")
 DEFAULT_SCALE = 10.0
 
 
+def check_form(form: str, sampler: str) -> None:
+    """The mean form is DDPM's posterior-mean shift; other samplers take the eps form."""
+    if form == "mean" and sampler != "ddpm":
+        raise UserError(f"--guidance-form mean is the DDPM posterior-mean shift: use --sampler ddpm, "
+                        f"or --guidance-form eps with {sampler}")
+
+
 def check_compatible(denoiser: LoadedModel, classifier: LoadedModel, where: str) -> None:
     """Refuse a classifier trained for another schedule, resolution or set of classes."""
     if classifier.cfg.task != "classifier":
@@ -106,10 +113,7 @@ class ClassifierGuidanceFeature:
         scale = DEFAULT_SCALE if args.classifier_scale is None else args.classifier_scale
         if scale < 0:
             raise UserError(f"--classifier-scale must be >= 0 (0 = unguided), got {scale}")
-        sampler = args.sampler or loaded.cfg.sample.sampler
-        if args.guidance_form == "mean" and sampler != "ddpm":
-            raise UserError(f"--guidance-form mean is the DDPM posterior-mean shift: use --sampler ddpm, "
-                            f"or --guidance-form eps with {sampler}")
+        check_form(args.guidance_form, args.sampler or loaded.cfg.sample.sampler)
         plan.terms.append(guidance_factory(classifier.model, scale, args.guidance_form))
         settings = {"classifier": str(classifier.path), "classifier_scale": f"{scale:g}", "guidance_form": args.guidance_form}
         for item in plan.items:

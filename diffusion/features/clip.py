@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..generate import LoadedModel, SampleItem, SamplingPlan, load_model
 from ..guidance import GuidanceTerm, StepInfo, gradient_term
 from ..schedule import epsilon_to_x0
+from .classifier import check_form
 
 PRETRAINED_PREFIX = "open_clip:"
 DEFAULT_SCALE = 10.0  # the best measured on shapes (noise-aware CLIP, DDPM mean form); sweep it per model
@@ -195,10 +196,7 @@ class ClipGuidance:
         if any(not item.extra.get("prompt") for item in plan.items):
             raise UserError("--clip needs --prompt TEXT: the text that CLIP guidance steers toward")
         form = getattr(args, "guidance_form", "eps")
-        sampler = args.sampler or loaded.cfg.sample.sampler
-        if form == "mean" and sampler != "ddpm":
-            raise UserError(f"--guidance-form mean is the DDPM posterior-mean shift: use --sampler ddpm, "
-                            f"or --guidance-form eps with {sampler}")
+        check_form(form, args.sampler or loaded.cfg.sample.sampler)
         guide = self.guide(args, loaded)
         prompts = sorted({item.extra["prompt"] for item in plan.items})
         features = dict(zip(prompts, guide.encode_prompts(prompts)))

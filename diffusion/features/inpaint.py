@@ -43,8 +43,7 @@ class InpaintFeature:
                 raise UserError("--mask, --invert-mask and --inpaint-method need --image IMAGE")
             if not inpaint.is_inpaint_model(loaded.cfg):
                 return variants
-            res = loaded.cfg.data.resolution  # plain generation: nothing known
-            blank = {"channels": torch.zeros(1, 4, res, res)}
+            blank = {"channels": inpaint.unknown_channels(1, loaded.cfg.data.resolution)}
             return [({**cond, **blank}, {**meta, "inpaint": "all unknown"}, extra) for cond, meta, extra in variants]
         if args.mask is None:
             raise UserError("--image needs --mask MASK (white = region to generate, black = keep)")

@@ -42,6 +42,11 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run a checkpoint belongs to: RUN/checkpoints/step-N or RUN/final -> RUN."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = checkpoint_root(run_dir)
