@@ -52,14 +52,6 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
     return None
 
 
-def setup_cuda(device: torch.device) -> None:
-    """TF32 matmuls and convolutions, as the trainer enables them."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     if dtype == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)

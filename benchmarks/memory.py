@@ -45,7 +45,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     from benchmarks.common import autocast, cuda_peak, peak_rss_mib, resolve_num_classes, synthetic_batch
     from diffusion.config import load_config
-    from diffusion.generate import LoadedModel, SampleItem, SamplingPlan, pick_device, run_plan
+    from diffusion.device import pick_device
+    from diffusion.generate import LoadedModel, SampleItem, SamplingPlan, run_plan
     from diffusion.schedule import build_train_scheduler
     from diffusion.training.checkpoint import TrainState
     from diffusion.training.tasks import build_task
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(worker(args)))
         return []
     from diffusion.config import load_config
-    from diffusion.generate import pick_device
+    from diffusion.device import pick_device
 
     configs = parse_list(args.configs) if args.configs else sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
     device = pick_device(args.device)

@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (autocast, header, parse_list, set_threads, setup_cuda,  # noqa: E402
+from benchmarks.common import (autocast, header, parse_list, set_threads,  # noqa: E402
                                table, timed, write_json)
-from diffusion.generate import SampleItem, SamplingPlan, load_model, pick_device, run_plan, to_uint8  # noqa: E402
+from diffusion.device import compile_model, pick_device, use_fast_cuda_math  # noqa: E402
+from diffusion.generate import SampleItem, SamplingPlan, load_model, run_plan, to_uint8  # noqa: E402
 
 DEFAULT_SETTINGS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,dpmsolver:10,dpmsolver:20"
 
@@ -100,13 +101,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = pick_device(args.device)
     set_threads(args.threads)
-    setup_cuda(device)
+    use_fast_cuda_math(device)
     loaded = load_model(args.checkpoint, device)
     model = loaded.model
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        loaded.model = torch.compile(model)
+        loaded.model = compile_model(model)
     scale = loaded.cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
     conditional = getattr(model, "condition", "none") != "none"
     use_accuracy = loaded.cfg.data.name == "shapes" and getattr(model, "condition", None) == "class"

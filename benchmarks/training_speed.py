@@ -22,9 +22,9 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.common import (autocast, header, parse_list, peak_tflops, resolve_num_classes,  # noqa: E402
-                               set_threads, setup_cuda, synthetic_batch, table, timed, write_json)
+                               set_threads, synthetic_batch, table, timed, write_json)
 from diffusion.config import load_config  # noqa: E402
-from diffusion.generate import pick_device  # noqa: E402
+from diffusion.device import compile_model, pick_device, use_fast_cuda_math  # noqa: E402
 from diffusion.training.tasks import build_task  # noqa: E402
 
 VARIANTS = ("eager", "channels_last", "compile", "compile+channels_last")
@@ -70,7 +70,7 @@ class Setup:
         self.model = self.task.build_model().to(device).train()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.runner = torch.compile(self.model) if "compile" in variant else self.model
+        self.runner = compile_model(self.model) if "compile" in variant else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, fused=device.type == "cuda")
         self.ema = EMAModel(self.model.parameters(), decay=cfg.train.ema_decay, foreach=True) if ema else None
         if self.ema:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = pick_device(args.device)
     set_threads(args.threads)
-    setup_cuda(device)
+    use_fast_cuda_math(device)
     cfg = load_config(args.config, args.overrides)
     resolve_num_classes(cfg)
     params = sum(p.numel() for p in build_task(cfg).build_model().parameters())

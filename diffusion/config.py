@@ -97,6 +97,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces without generating kernels (debugging)
     channels_last: bool = True
     allow_tf32: bool = True
     caption_word_drop: float = 0.0  # CLIP task: drop each caption word (not the first) with this probability
@@ -156,6 +157,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.prediction_type": ("epsilon", "v_prediction"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "sample.sampler": ("ddpm", "ddim", "dpmsolver"),
 }
 

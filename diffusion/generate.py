@@ -16,6 +16,7 @@ from PIL import Image, PngImagePlugin
 from torchvision.utils import make_grid, save_image
 
 from .config import Config
+from .errors import UserError
 from .guidance import ClassifierFreeGuidance, GuidanceTerm, dynamic_threshold
 from .io import atomic_write
 from .sampling import PostStep, sample_loop, seeded_noise
@@ -32,11 +33,6 @@ class LoadedModel:
     path: Path
 
 
-def pick_device(name: str | torch.device | None = None) -> torch.device:
-    """The named device, else CUDA when available, else CPU."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Any task's model from a checkpoint or run directory, with its EMA weights."""
     from .training.tasks import build_task
@@ -44,7 +40,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     directory = ckpt.resolve_checkpoint(path)
     cfg = ckpt.read_config(directory)
     model = build_task(cfg).build_model()
-    model.load_state_dict(ckpt.read_weights(directory))
+    weights = ckpt.read_weights(directory)
+    problem = ckpt.describe_mismatch(model.state_dict(), weights)
+    if problem:
+        raise UserError(f"{directory / ckpt.EMA_FILE} does not fit the model its {ckpt.CONFIG_FILE} describes: {problem}")
+    model.load_state_dict(weights)
     model.eval().requires_grad_(False).to(device)
     return LoadedModel(cfg, model, build_train_scheduler(cfg.diffusion), ckpt.read_info(directory), directory)
 

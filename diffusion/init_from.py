@@ -60,17 +60,10 @@ def initialise_from(model: torch.nn.Module, path: str | Path, cfg: Config | None
         check_settings(ckpt.read_config(directory), cfg, path)
     base = ckpt.read_weights(directory)
     state = model.state_dict()
-    missing = [k for k in state if k not in base]
-    unexpected = [k for k in base if k not in state]
-    mismatched = [k for k in state if k in base and base[k].shape != state[k].shape
-                  and not _fits_widened(k, base[k], state[k])]
-    if missing or unexpected or mismatched:
-        problems = [f"{len(missing)} parameters missing from it (e.g. {missing[0]})" if missing else "",
-                    f"{len(unexpected)} it has that this model lacks (e.g. {unexpected[0]})" if unexpected else "",
-                    (f"{len(mismatched)} of another shape (e.g. {mismatched[0]}: {tuple(base[mismatched[0]].shape)} "
-                     f"there, {tuple(state[mismatched[0]].shape)} here)") if mismatched else ""]
+    problem = ckpt.describe_mismatch(state, base, fits=_fits_widened)
+    if problem:
         raise UserError(
-            f"init_from {path}: the checkpoint does not fit this model: {'; '.join(p for p in problems if p)}. "
+            f"init_from {path}: the checkpoint does not fit this model: {problem}. "
             f"Use the base run's model, data.resolution and condition settings ({directory / ckpt.CONFIG_FILE}); "
             "only model.inpaint may differ"
         )

@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 
 from .errors import UserError, exit_on_user_error
-from .generate import LoadedModel, SampleItem, SamplingPlan, load_model, pick_device, run_plan, save_grid, save_png
+from .device import pick_device
+from .generate import LoadedModel, SampleItem, SamplingPlan, load_model, run_plan, save_grid, save_png
 from .schedule import SAMPLERS
 
 Variant = tuple[dict[str, torch.Tensor], dict[str, str], dict]  # (cond, meta, extra) shared by a group of samples

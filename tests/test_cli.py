@@ -59,3 +59,19 @@ def test_missing_checkpoint_exits_2_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "checkpoint not found" in proc.stderr
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_in_one_line(tiny_run, tmp_path):
+    """E.g. a checkpoint whose names carry torch.compile's `_orig_mod.` prefix, or a hand-edited config."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run / "final", broken)
+    weights = load_file(str(broken / "ema.safetensors"))
+    save_file({f"_orig_mod.{name}": value for name, value in weights.items()}, str(broken / "ema.safetensors"))
+    proc = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(broken), "--out", str(tmp_path / "s")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+    assert "does not fit the model" in proc.stderr and "_orig_mod.unet" in proc.stderr

@@ -63,6 +63,53 @@ def test_resumed_run_continues_like_an_uninterrupted_one(tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_run_saves_bare_names_samples_and_resumes_uncompiled(tmp_path):
+    """train.compile=true (GPU configs): checkpoints and export hold the bare model's names, not
+    torch.compile's `_orig_mod.` ones, so sample.py, plain diffusers and an uncompiled resume load them.
+    aot_eager runs the same torch.compile wrapping as inductor without minutes of kernel generation."""
+    from diffusion.generate import load_model
+
+    compiled, plain = tmp_path / "compiled", tmp_path / "plain"
+    for out, extra, is_compiled in ((compiled, ["train.compile=true", "train.compile_backend=aot_eager"], True),
+                                    (plain, [], False)):
+        trainer = Trainer(tiny_config(out, "train.max_steps=4", *extra))
+        assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule) == is_compiled
+        trainer.fit()
+    for name in (f"checkpoints/step-000004/{ckpt.EMA_FILE}", f"final/{ckpt.EMA_FILE}", "checkpoints/step-000004/accelerate/model.safetensors"):
+        ours, reference = load_file(str(compiled / name)), load_file(str(plain / name))
+        assert sorted(ours) == sorted(reference)
+        for key in ours:  # compiling changes the speed, not the training
+            torch.testing.assert_close(ours[key], reference[key], atol=1e-4, rtol=1e-3)
+    load_model(compiled)
+    UNet2DModel.from_pretrained(compiled / "final" / "unet")
+    train(tiny_config(compiled, "train.max_steps=6"), resume="auto")
+    assert ckpt.read_info(ckpt.list_checkpoints(compiled)[-1]).step == 6
+
+
+def test_two_process_run_resumes_exactly(tmp_path):
+    """The multi-GPU path (accelerate + DDP), run as two CPU processes with torchrun and gloo. Each
+    rank's RNG state and the data position are saved, so stopping at step 2 and resuming to step 4
+    gives the uninterrupted run's losses and weights."""
+    def launch(out, steps, *extra):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+             "configs/shapes.yaml", *TINY, f"train.max_steps={steps}", f"output_dir={out}", *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    launch(straight, 4)
+    launch(split, 2)
+    assert (split / "checkpoints" / "step-000002" / "accelerate" / "random_states_1.pkl").is_file()
+    assert "at step 2" in launch(split, 4, "--resume", "auto").stdout
+    losses = [[line.split(",")[:2] for line in (run / "metrics.csv").read_text().splitlines()[1:]] for run in (straight, split)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    a, b = (load_file(str(run / "final" / ckpt.EMA_FILE)) for run in (straight, split))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
 def test_half_written_checkpoint_is_ignored(tiny_run, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / ".tmp-step-000009" / "accelerate").mkdir(parents=True)

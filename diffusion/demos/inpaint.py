@@ -16,7 +16,8 @@ from torchvision.utils import make_grid
 
 from .. import inpaint
 from ..errors import UserError, exit_on_user_error
-from ..generate import load_model, pick_device, to_pil
+from ..device import pick_device
+from ..generate import load_model, to_pil
 from ..inpaint_masks import MASK_TYPES, seeded_mask_grid
 from ..io import atomic_write
 from ..schedule import SAMPLERS

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..clip import DIAGNOSTICS_DIR, REPORT_NAME, retrieval_buckets, write_report
 from ..errors import UserError
-from ..generate import load_model, pick_device
+from ..device import pick_device
+from ..generate import load_model
 from ..training.checkpoint import run_dir_of
 from .buckets import format_table
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from ..data.common import load_rgb
 from ..errors import UserError
-from ..generate import SampleItem, load_model, pick_device, run_plan, save_png
+from ..device import pick_device
+from ..generate import SampleItem, load_model, run_plan, save_png
 from ..io import atomic_write_text
 from .extractors import RESIZES, build_extractor
 from .feature_stats import KID_SUBSET_SIZE, KID_SUBSETS, accumulate, scores

@@ -23,7 +23,8 @@ import torch
 from .. import inpaint
 from ..data import build_dataset
 from ..errors import UserError
-from ..generate import LoadedModel, load_model, pick_device
+from ..device import pick_device
+from ..generate import LoadedModel, load_model
 from ..inpaint_masks import MASK_TYPES, seeded_mask_grid
 from ..schedule import SAMPLERS
 

@@ -19,7 +19,8 @@ import torch
 
 from ..data.shapes import CLASS_NAMES, class_attributes, detect_label
 from ..errors import UserError
-from ..generate import load_model, pick_device, run_plan
+from ..device import pick_device
+from ..generate import load_model, run_plan
 from ..sample_cli import build_parser, check_args, load_features, make_plan
 
 PASS_UNKNOWN = True

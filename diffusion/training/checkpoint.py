@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -82,6 +82,20 @@ def named_weights(module: torch.nn.Module, params: list[torch.Tensor] | None = N
         for (name, _), value in zip(module.named_parameters(), params):
             state[name] = value.detach()
     return {k: v.to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone() for k, v in state.items()}
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                      fits: Callable[[str, torch.Tensor, torch.Tensor], bool] = lambda name, found, expected: False) -> str:
+    """'' when `found` has `expected`'s names and shapes (or ones `fits` accepts), else what differs, in one line."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [k for k in expected if k in found and found[k].shape != expected[k].shape
+                  and not fits(k, found[k], expected[k])]
+    problems = [f"{len(missing)} parameters missing from it (e.g. {missing[0]})" if missing else "",
+                f"{len(unexpected)} it has that this model lacks (e.g. {unexpected[0]})" if unexpected else "",
+                (f"{len(mismatched)} of another shape (e.g. {mismatched[0]}: {tuple(found[mismatched[0]].shape)} "
+                 f"there, {tuple(expected[mismatched[0]].shape)} here)") if mismatched else ""]
+    return "; ".join(p for p in problems if p)
 
 
 def write_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:

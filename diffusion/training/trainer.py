@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset
 from ..errors import UserError
+from ..device import compile_model, use_fast_cuda_math
 from . import checkpoint as ckpt
 from .logger import MetricLogger
 from .tasks import Task, build_task
@@ -72,18 +73,15 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, log: bool = True):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        compile_backend = "inductor" if cfg.train.compile else "no"
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),  # lets `accelerate launch --cpu`/torchrun run multi-process on CPU
+            cpu=not torch.cuda.is_available(),  # on CPU, torchrun still runs it multi-process (gloo)
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.grad_accum,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            dynamo_backend=compile_backend,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=cfg.data.pin_memory),
+            dynamo_backend="no",  # compiled below from train.compile: accelerate's setting is process-wide
         )
         set_seed(cfg.train.seed, device_specific=True)
-        if torch.cuda.is_available() and cfg.train.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        use_fast_cuda_math(self.accelerator.device, cfg.train.allow_tf32)
         self.resume_from = find_resume(cfg, resume)
         dataset = build_dataset(cfg.data)
         self.state = ckpt.TrainState(class_names=resolve_dataset_info(cfg, dataset))
@@ -110,13 +108,16 @@ class Trainer:
             power=cfg.train.ema_power, foreach=True,
         )
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        if cfg.train.compile:  # last, around any DDP wrapper, as accelerate does
+            self.model = compile_model(self.model, cfg.train.compile_backend)
         self.ema.to(self.accelerator.device)
         self.accelerator.register_for_checkpointing(self.ema)
         self.logger = MetricLogger(self.run_dir, enabled=log and self.accelerator.is_main_process)
 
     @property
     def core(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The bare model: no DDP wrapper and no torch.compile wrapper (whose names carry `_orig_mod.`)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     # -- checkpoints -------------------------------------------------------------------------
 

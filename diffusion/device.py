@@ -1,0 +1,29 @@
+"""Device choice and the GPU fast path, shared by training, sampling, evaluation and the benchmarks."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """The named device, else CUDA when available, else CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def use_fast_cuda_math(device: torch.device, allow_tf32: bool = True) -> None:
+    """Training on CUDA: TF32 matmuls and convolutions (when allowed) and cuDNN autotuning, which
+    suits fixed-size batches. Sampling leaves autotuning off: it may pick other kernels per run."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """torch.compile, without dynamo's warning about the lru_cache'd version check in diffusers'
+    up-sampling blocks (it is traced correctly; the warning repeats once per block otherwise)."""
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+    return torch.compile(model, backend=backend)
