@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset
-from ..errors import UserError
 from ..device import compile_model, use_fast_cuda_math
+from ..errors import UserError
 from . import checkpoint as ckpt
 from .logger import MetricLogger
 from .tasks import Task, build_task
