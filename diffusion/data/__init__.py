@@ -30,6 +30,7 @@ def build_dataloader(dataset: torch.utils.data.Dataset, cfg: DataConfig, batch_s
     (which would make a resumed run's noise differ from an uninterrupted one's)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-        num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, persistent_workers=cfg.num_workers > 0,
+        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),  # pinning needs a GPU; elsewhere it only warns
         generator=torch.Generator().manual_seed(seed),
     )
