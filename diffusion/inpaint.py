@@ -186,9 +186,11 @@ def replace_hook(known: torch.Tensor, keep: torch.Tensor) -> PostStep:
     """Post-step hook: the known region noised to the step's next t (clean at the last step)."""
 
     def hook(x: torch.Tensor, info: StepInfo) -> torch.Tensor:
-        target = known.to(x.device, x.dtype)
+        nonlocal known, keep
+        known, keep = known.to(x.device, x.dtype), keep.to(x.device)  # copied on the first step only
+        target = known
         if info.next_t is not None and info.next_t >= 0:
-            ab = info.scheduler.alphas_cumprod.to(x.device)[info.next_t].to(x.dtype)
+            ab = info.scheduler.alphas_cumprod[info.next_t].to(x.device, x.dtype)
             noise = noise_from(info.generators, x.shape[1:], x.device, x.dtype)
             target = ab.sqrt() * target + (1 - ab).sqrt() * noise
         return paste_back(x, target, keep)

@@ -24,6 +24,11 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
     raise ValueError(f"unknown dataset {cfg.name}")
 
 
+def pins_memory(cfg: DataConfig) -> bool:
+    """Pinned host memory (and non-blocking copies) when asked and a GPU can use it; elsewhere it only warns."""
+    return cfg.pin_memory and torch.cuda.is_available()
+
+
 def build_dataloader(dataset: torch.utils.data.Dataset, cfg: DataConfig, batch_size: int, shuffle: bool = True,
                      drop_last: bool = True, seed: int = 0) -> torch.utils.data.DataLoader:
     """A loader with its own generator, so starting an iterator never draws from the global RNG
@@ -31,6 +36,6 @@ def build_dataloader(dataset: torch.utils.data.Dataset, cfg: DataConfig, batch_s
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-        pin_memory=cfg.pin_memory and torch.cuda.is_available(),  # pinning needs a GPU; elsewhere it only warns
+        pin_memory=pins_memory(cfg),
         generator=torch.Generator().manual_seed(seed),
     )

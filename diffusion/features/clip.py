@@ -38,6 +38,7 @@ class NoiseAwareGuide:
         # The denoiser's timestep t -> the CLIP timestep with the nearest noise level (identity when
         # both were trained with the same schedule, as they should be).
         self.t_map = (denoiser_alphas.float()[:, None] - clip_alphas[None]).abs().argmin(dim=1)
+        self.t_map = self.t_map.to(next(loaded.model.parameters()).device)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
@@ -45,7 +46,7 @@ class NoiseAwareGuide:
 
     def term(self, text: torch.Tensor, scale: float, form: str, seeds: list[int]) -> GuidanceTerm:
         def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.model.similarity(x, self.t_map.to(t.device)[t], text)
+            return self.model.similarity(x, self.t_map[t], text)
 
         return gradient_term(log_prob, scale, form)
 

@@ -16,7 +16,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..config import Config, save_config
-from ..data import build_dataloader, build_dataset
+from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
 from ..errors import UserError
 from . import checkpoint as ckpt
@@ -73,12 +73,11 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, log: bool = True):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        pinned = cfg.data.pin_memory and torch.cuda.is_available()  # as build_dataloader pins
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # on CPU, torchrun still runs it multi-process (gloo)
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.grad_accum,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=pinned),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=pins_memory(cfg.data)),
             dynamo_backend="no",  # compiled below from train.compile: accelerate's setting is process-wide
         )
         set_seed(cfg.train.seed, device_specific=True)
