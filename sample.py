@@ -2,7 +2,7 @@
 
 See `python sample.py --help` and the README for guidance, prompts and in-painting.
 """
-from diffusion.sample_cli import main
+from diffusion.cli.sample import main
 
 if __name__ == "__main__":
     main()

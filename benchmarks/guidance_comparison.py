@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion.data.shapes import CLASS_NAMES  # noqa: E402
 from diffusion.errors import exit_on_user_error  # noqa: E402
 from diffusion.evaluate.shapes_accuracy import _floats, accuracy, class_samples  # noqa: E402
-from diffusion.generate import save_grid  # noqa: E402
+from diffusion.sampling.images import save_grid  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -46,9 +46,10 @@ def worker(args: argparse.Namespace) -> dict:
     from benchmarks.common import autocast, cuda_peak, peak_rss_mib, resolve_num_classes, synthetic_batch
     from diffusion.config import load_config
     from diffusion.device import pick_device
-    from diffusion.generate import LoadedModel, SampleItem, SamplingPlan, run_plan
-    from diffusion.schedule import build_train_scheduler
-    from diffusion.training.checkpoint import TrainState
+    from diffusion.checkpoints.load import LoadedModel
+    from diffusion.checkpoints.store import TrainState
+    from diffusion.sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
+    from diffusion.sampling.schedule import NoiseSchedule
     from diffusion.training.tasks import build_task
 
     device = pick_device(args.device)
@@ -79,11 +80,11 @@ def worker(args: argparse.Namespace) -> dict:
         else:
             batch_size = args.sample_batch or cfg.sample.num_samples
             model.eval().requires_grad_(False)
-            loaded = LoadedModel(cfg, model, build_train_scheduler(cfg.diffusion), TrainState(), Path(args.config))
+            schedule = NoiseSchedule.from_config(cfg.diffusion).to(device)
+            loaded = LoadedModel(cfg, model, schedule, TrainState(), Path(args.config))
             plan = SamplingPlan([SampleItem(seed=i, cond=model.preview_condition(i)) for i in range(batch_size)])
-            with autocast(device, dtype):
-                run_plan(loaded, plan, cfg.sample.sampler, args.sample_steps, cfg.sample.guidance_scale, batch_size,
-                         progress=False)
+            settings = SamplerSettings(cfg.sample.sampler, args.sample_steps, cfg.sample.guidance_scale, batch_size, dtype)
+            run_plan(loaded, plan, settings, bar=False)
     peak = peak_rss_mib()
     return {**result, "batch": batch_size, "dtype": dtype, "RSS after imports MiB": baseline,
             "peak RSS MiB": peak, "added RSS MiB": peak - baseline, **cuda}

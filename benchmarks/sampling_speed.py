@@ -18,10 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (autocast, header, parse_list, set_threads,  # noqa: E402
-                               table, timed, write_json)
+from benchmarks.common import header, parse_list, set_threads, table, timed, write_json  # noqa: E402
+from diffusion.checkpoints.load import load_model  # noqa: E402
 from diffusion.device import compile_model, pick_device, use_fast_cuda_math  # noqa: E402
-from diffusion.generate import SampleItem, SamplingPlan, load_model, run_plan, to_uint8  # noqa: E402
+from diffusion.sampling.images import to_uint8  # noqa: E402
+from diffusion.sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan  # noqa: E402
 
 DEFAULT_SETTINGS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,dpmsolver:10,dpmsolver:20"
 
@@ -66,14 +67,14 @@ def plan_for(model: torch.nn.Module, n: int, seed: int) -> SamplingPlan:
     for i in range(n):
         cond = model.preview_condition(i) if hasattr(model, "preview_condition") else {}
         label = int(cond["labels"][0]) if "labels" in cond else None
-        items.append(SampleItem(seed=seed + i, cond=cond, extra={"label": label}))
+        items.append(SampleItem(seed=seed + i, cond=cond, label=label))
     return SamplingPlan(items)
 
 
 def shapes_accuracy(images: torch.Tensor, plan: SamplingPlan) -> float:
     from diffusion.data.shapes import detect_label
 
-    return sum(detect_label(img) == item.extra["label"] for img, item in zip(images, plan.items)) / len(images)
+    return sum(detect_label(img) == item.label for img, item in zip(images, plan.items)) / len(images)
 
 
 class FidScorer:
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {header(device)}; {args.dtype}, channels_last {args.channels_last}, compile {args.compile}")
 
     def sample(sampler: str, steps: int, items_plan: SamplingPlan) -> torch.Tensor:
-        with autocast(device, args.dtype):
-            return run_plan(loaded, items_plan, sampler, steps, scale, args.batch_size, progress=False)
+        return run_plan(loaded, items_plan, SamplerSettings(sampler, steps, scale, args.batch_size, args.dtype), bar=False)
 
     warm = SamplingPlan(plan.items[:args.batch_size])
     timed(lambda: sample("ddim", 2, warm), device, 1)  # first-call costs (and compilation) stay out of the table

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion.config import load_config  # noqa: E402
 from diffusion.data import build_dataloader, build_dataset  # noqa: E402
 from diffusion.models import build_denoiser  # noqa: E402
-from diffusion.schedule import build_train_scheduler  # noqa: E402
+from diffusion.sampling.schedule import build_train_scheduler  # noqa: E402
 
 
 def ours(cfg, steps: int, window: int) -> list[float]:

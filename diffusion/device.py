@@ -27,3 +27,25 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn
     up-sampling blocks (it is traced correctly; the warning repeats once per block otherwise)."""
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
     return torch.compile(model, backend=backend)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 autocast on GPUs (what the benchmarks measure), fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype a denoiser runs in under `precision`, or None for plain fp32."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def prepare_for_sampling(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """On CUDA: TF32 matmuls and convolutions, and channels_last weights; elsewhere nothing."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        model.to(memory_format=torch.channels_last)
+    return model

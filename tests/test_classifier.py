@@ -10,18 +10,21 @@ import torch
 import yaml
 from PIL import Image
 
-from diffusion.classifier import NoisyClassifier, held_out_accuracy
+from diffusion.checkpoints import store as ckpt
+from diffusion.checkpoints.load import LoadedModel, load_model
+from diffusion.cli.sample import build_parser, features, make_plan
+from diffusion.cli.sample import main as sample_main
+from diffusion.conditioning.classifier import classifier_terms
 from diffusion.config import load_config
 from diffusion.data import build_dataset
-from diffusion.features.classifier import FEATURE, guidance_factory
-from diffusion.generate import LoadedModel, SamplingPlan, load_model, run_plan
-from diffusion.guidance import gradient_term
-from diffusion.models import Denoiser
-from diffusion.sample_cli import build_parser, load_features, make_plan
-from diffusion.sample_cli import main as sample_main
-from diffusion.sampling import denoise_step
-from diffusion.schedule import alpha_bar, build_sampler, x0_to_epsilon
-from diffusion.training import checkpoint as ckpt
+from diffusion.evaluate.__main__ import main as evaluate
+from diffusion.evaluate.classifier import held_out_accuracy
+from diffusion.models import Denoiser, NoisyClassifier
+from diffusion.sampling.guidance import gradient_term
+from diffusion.sampling.loop import Guidance, Trajectory
+from diffusion.sampling.plan import SamplerSettings, SamplingPlan, run_plan
+from diffusion.sampling.samplers import build_sampler
+from diffusion.sampling.schedule import build_train_scheduler, x0_to_epsilon
 from diffusion.training.trainer import train
 from tests.conftest import ROOT, tiny_config
 
@@ -39,13 +42,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     train(tiny_config(root / "den", "train.max_steps=2", config="configs/shapes_uncond.yaml"))
     yield {"clf": root / "clf", "den": root / "den"}
     torch.set_num_threads(threads)
-    FEATURE._loaded.clear()  # the feature caches loaded classifiers
 
 
 def plan_for(argv: list[str], loaded: LoadedModel) -> SamplingPlan:
-    features = load_features()
-    args = build_parser(features).parse_args(["--checkpoint", "unused", *argv])
-    return make_plan(args, loaded, features, {})
+    feature_list = features()
+    args = build_parser(feature_list).parse_args(["--checkpoint", "unused", *argv])
+    return make_plan(args, loaded, feature_list, SamplerSettings())
 
 
 def test_classifier_beats_chance_on_low_t(runs):
@@ -56,7 +58,7 @@ def test_classifier_beats_chance_on_low_t(runs):
     x0 = torch.stack([data[i]["image"] for i in range(128)])
     labels = torch.tensor([data[i]["label"] for i in range(128)])
     t = torch.randint(0, clf.cfg.diffusion.num_train_timesteps // 10, (128,), generator=g)
-    x_t = clf.scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    x_t = build_train_scheduler(clf.cfg.diffusion).add_noise(x0, torch.randn(x0.shape, generator=g), t)
     accuracy = (clf.model(x_t, t).argmax(-1) == labels).float().mean().item()
     assert accuracy > 2 / 12, f"held-out low-t accuracy {accuracy:.3f} is not above chance (1/12)"
 
@@ -65,8 +67,6 @@ def test_bucket_report_has_ten_rows(runs, tmp_path, capsys):
     final = runs["clf"] / "final"
     with open(final / "classifier_accuracy.csv") as f:  # written by the task at export
         assert len(list(csv.DictReader(f))) == 10
-    from diffusion.evaluate.__main__ import main as evaluate
-
     evaluate(["classifier", "--checkpoint", str(runs["clf"]), "--num-samples", "100", "--out", str(tmp_path)])
     with open(tmp_path / "classifier_accuracy.csv") as f:
         rows = list(csv.DictReader(f))
@@ -81,25 +81,29 @@ def test_bucket_report_has_ten_rows(runs, tmp_path, capsys):
 def test_one_guided_step_raises_log_prob(runs, sampler, form):
     """Same x_t, same noise draws: the guided step ends where the classifier gives y more probability.
 
-    The denoiser is an oracle that predicts a shrunken held-out image, so its x0 stays inside
-    [-1, 1] and the samplers' x0 clipping does not hide the step being tested.
+    The denoiser is an oracle that predicts a held-out image pushed out of range, so x0 is clipped
+    at every step: guidance must act after the clipping, not be undone by it.
     """
     clf = load_model(runs["clf"])
+    schedule = clf.schedule
     data = build_dataset(clf.cfg.data, "test")
     x0 = torch.stack([data[i]["image"] for i in range(8)])
     target = (torch.tensor([data[i]["label"] for i in range(8)]) + 5) % 12  # some other class
     index = 4
-    t = int(build_sampler(clf.scheduler, sampler, 10).timesteps[index])
-    t_batch = torch.full((8,), t)
-    x = clf.scheduler.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), t_batch)
-    oracle = lambda x_, t_: x0_to_epsilon(0.8 * x0, x_, alpha_bar(clf.scheduler, t_))
+    ab = schedule.alpha_bar(build_sampler(schedule, sampler, 10).steps[index].t)
+    x = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    oracle = lambda x_, info: x0_to_epsilon(1.5 * x0, x_, info.alpha_bar)  # noqa: E731
 
     def step(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        sched = build_sampler(clf.scheduler, sampler, 10)
-        timesteps = [int(v) for v in sched.timesteps]
+        chosen = build_sampler(schedule, sampler, 10)
         generators = [torch.Generator().manual_seed(i) for i in range(8)]
         term = gradient_term(lambda x_, t_: clf.model.log_prob(x_, t_, target), scale, form)
-        return denoise_step(oracle, sched, x, timesteps, index, generators, [term]), torch.full((8,), timesteps[index + 1])
+        trajectory = Trajectory(schedule, chosen, generators, Guidance(terms=[term]))
+        # DPM-Solver's first step is first order: run the unguided history up to `index` for it
+        y = x
+        for earlier in chosen.steps[:index] if sampler == "dpmsolver" else []:
+            chosen.scheduler.step(x0.clamp(-1, 1), earlier.t, y)
+        return trajectory.step(oracle, y, chosen.steps[index]), torch.full((8,), chosen.steps[index].t_next)
 
     with torch.no_grad():
         (plain, next_t), (guided, _) = step(0.0), step(5.0)
@@ -111,10 +115,11 @@ def test_one_guided_step_raises_log_prob(runs, sampler, form):
 def test_scale_zero_is_unguided_and_classifier_sees_denoiser_inputs(runs):
     den = load_model(runs["den"])
     common = ["--num-samples", "2", "--sampler", "ddpm", "--steps", "4"]
-    unguided = run_plan(den, plan_for(common, den), "ddpm", 4, 0.0, 8, progress=False)
+    settings = SamplerSettings("ddpm", 4, 0.0, 8)
+    unguided = run_plan(den, plan_for(common, den), settings, bar=False)
     plan = plan_for([*common, "--classifier", str(runs["clf"]), "--classifier-scale", "0", "--class-label", "3"], den)
-    assert [it.extra["label"] for it in plan.items] == [3, 3] and plan.items[0].meta["classifier_scale"] == "0"
-    assert torch.equal(run_plan(den, plan, "ddpm", 4, 0.0, 8, progress=False), unguided)
+    assert [it.label for it in plan.items] == [3, 3] and plan.items[0].meta["classifier_scale"] == "0"
+    assert torch.equal(run_plan(den, plan, settings, bar=False), unguided)
 
     seen: dict[str, list] = {"den": [], "clf": []}
     clf = load_model(runs["clf"])
@@ -123,12 +128,11 @@ def test_scale_zero_is_unguided_and_classifier_sees_denoiser_inputs(runs):
     log_prob = clf.model.log_prob
     clf.model.log_prob = lambda x, t, labels: seen["clf"].append((x.detach().clone(), t.clone())) or log_prob(x, t, labels)
     plan = plan_for(common, den)
-    for item in plan.items:
-        item.extra["label"] = 7
-    plan.terms.append(guidance_factory(clf.model, 3.0))
+    plan.items = [item.but(label=7) for item in plan.items]
+    plan.terms.append(classifier_terms(clf.model, 3.0))
     for sampler in ("ddpm", "ddim", "dpmsolver"):
         seen["den"].clear(), seen["clf"].clear()
-        run_plan(den, plan, sampler, 4, 0.0, 8, progress=False)
+        run_plan(den, plan, SamplerSettings(sampler, 4, 0.0, 8), bar=False)
         assert len(seen["den"]) == len(seen["clf"]) == 4
         for (xd, td), (xc, tc) in zip(seen["den"], seen["clf"]):
             assert torch.equal(td, tc) and torch.equal(xd, xc)
@@ -138,13 +142,14 @@ def test_combines_with_cfg_on_a_conditional_denoiser(runs, tmp_path):
     clf = load_model(runs["clf"])
     cfg = tiny_config(tmp_path, config="configs/shapes.yaml")
     cfg.model.num_classes = 12
-    den = LoadedModel(cfg, Denoiser(cfg.model, 8, 12).eval(), clf.scheduler, ckpt.TrainState(), tmp_path)
+    den = LoadedModel(cfg, Denoiser(cfg.model, 8, 12).eval(), clf.schedule, ckpt.TrainState(), tmp_path)
     den.model.requires_grad_(False)
     argv = ["--num-samples", "1", "--class-label", "4", "--classifier", str(runs["clf"])]
-    cfg_only = run_plan(den, plan_for([*argv, "--classifier-scale", "0"], den), "ddim", 3, 3.0, 8, progress=False)
+    settings = SamplerSettings("ddim", 3, 3.0, 8)
+    cfg_only = run_plan(den, plan_for([*argv, "--classifier-scale", "0"], den), settings, bar=False)
     plan = plan_for([*argv, "--classifier-scale", "4"], den)
-    assert plan.items[0].cond["labels"].tolist() == [4] and plan.items[0].extra["label"] == 4
-    both = run_plan(den, plan, "ddim", 3, 3.0, 8, progress=False)
+    assert plan.items[0].cond["labels"].tolist() == [4] and plan.items[0].label == 4
+    both = run_plan(den, plan, settings, bar=False)
     assert not torch.equal(both, cfg_only)
 
 
@@ -160,8 +165,6 @@ def test_sample_cli_end_to_end(runs, tmp_path):
 
 
 def test_shapes_accuracy_sweeps_classifier_scale(runs, capsys):
-    from diffusion.evaluate.__main__ import main as evaluate
-
     evaluate(["shapes-accuracy", "--checkpoint", str(runs["den"]), "--classifier", str(runs["clf"]),
               "--classifier-scale", "0,2", "--guidance-scale", "0", "--num-samples", "12", "--steps", "2"])
     lines = capsys.readouterr().out.strip().splitlines()

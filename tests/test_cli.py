@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from diffusion.errors import UserError
-from diffusion.sample_cli import main as sample_main
+from diffusion.cli.sample import main as sample_main
 from tests.conftest import ROOT, TINY
 
 

@@ -9,13 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.clip import NoisyCLIP, drop_words, retrieval_hits, right_captions
+from diffusion.checkpoints.load import LoadedModel
+from diffusion.checkpoints.store import TrainState
+from diffusion.cli.sample import main as sample
+from diffusion.conditioning.clip import CleanGuide, NoiseAwareGuide, load_open_clip
 from diffusion.errors import UserError
-from diffusion.features.clip import CleanGuide, NoiseAwareGuide, load_open_clip
-from diffusion.generate import LoadedModel
-from diffusion.guidance import StepInfo
-from diffusion.schedule import alpha_bar, build_sampler, build_train_scheduler, epsilon_to_x0
-from diffusion.training.checkpoint import TrainState
+from diffusion.evaluate.__main__ import main as evaluate
+from diffusion.evaluate.clip import retrieval_hits, right_captions
+from diffusion.models.clip import NoisyCLIP
+from diffusion.sampling.guidance import StepInfo
+from diffusion.sampling.loop import Guidance, Trajectory, sample_loop, seeded_noise
+from diffusion.sampling.samplers import build_sampler
+from diffusion.sampling.schedule import NoiseSchedule, epsilon_to_x0
+from diffusion.training.tasks import drop_words
 
 from .conftest import tiny_config
 
@@ -54,18 +60,15 @@ def tiny_overrides(out: Path, extra: list[str]) -> list[str]:
     return [*TINY, *extra, f"output_dir={out}"]
 
 
-def step_info(scheduler, x: torch.Tensor, index: int) -> StepInfo:
-    timesteps = [int(t) for t in scheduler.timesteps]
-    t = torch.full((x.shape[0],), timesteps[index], dtype=torch.long)
-    return StepInfo(x=x, t=t, alpha_bar=alpha_bar(scheduler, t), scheduler=scheduler, index=index,
-                    next_t=timesteps[index + 1], generators=[])
+def step_info(schedule: NoiseSchedule, sampler, x: torch.Tensor, index: int) -> StepInfo:
+    return Trajectory(schedule, sampler, []).info(x, sampler.steps[index])
 
 
-def noisy_pair(scheduler, n: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, eps) of an image inside [-1, 1], so the samplers' x0 clipping leaves the step linear in eps."""
+def noisy_pair(schedule: NoiseSchedule, sampler, n: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, eps) of an image inside [-1, 1]."""
     x0, eps = torch.rand(n, 3, 8, 8) - 0.5, torch.randn(n, 3, 8, 8)
-    t = torch.full((n,), int(scheduler.timesteps[index]))
-    return scheduler.add_noise(x0, eps, t), eps
+    ab = schedule.alpha_bar(sampler.steps[index].t)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps, eps
 
 
 def test_timestep_reaches_the_image_tower(tmp_path):
@@ -84,18 +87,18 @@ def test_one_guided_step_raises_clip_similarity(tmp_path, sampler, form):
     torch.manual_seed(0)
     cfg = clip_config(tmp_path)
     model = NoisyCLIP(cfg).eval().requires_grad_(False)
-    train_sched = build_train_scheduler(cfg.diffusion)
-    guide = NoiseAwareGuide(LoadedModel(cfg, model, train_sched, TrainState(), tmp_path), train_sched.alphas_cumprod)
-    scheduler = build_sampler(train_sched, sampler, 10)
-    x, eps = noisy_pair(scheduler, 6, 4)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    guide = NoiseAwareGuide(LoadedModel(cfg, model, schedule, TrainState(), tmp_path), schedule.table[:-1])
+    x, eps = noisy_pair(schedule, build_sampler(schedule, sampler, 10), 6, 4)
     text = guide.encode_prompts([PROMPT] * 6)
-    info = step_info(scheduler, x, 4)
-    guided = guide.term(text, 0.05, form, list(range(6)))(eps, info)
-    t = int(info.t[0])
-    # A fresh scheduler for each step: DPM-Solver keeps its last outputs.
-    plain_x, guided_x = (build_sampler(train_sched, sampler, 10).step(e, t, x, generator=torch.Generator().manual_seed(1))
-                         .prev_sample for e in (eps, guided))
-    next_t = torch.full((6,), info.next_t)
+    term = guide.term(text, 0.05, form, list(range(6)))
+    outs = []
+    for terms in ([], [term]):  # a fresh sampler each: DPM-Solver keeps its last outputs
+        chosen = build_sampler(schedule, sampler, 10)
+        trajectory = Trajectory(schedule, chosen, [torch.Generator().manual_seed(i) for i in range(6)], Guidance(terms=terms))
+        outs.append(trajectory.step(lambda x_, info: eps, x, chosen.steps[4]))
+    plain_x, guided_x = outs
+    next_t = torch.full((6,), chosen.steps[4].t_next)
     with torch.no_grad():
         assert (model.similarity(guided_x, next_t, text) > model.similarity(plain_x, next_t, text)).all()
 
@@ -123,10 +126,11 @@ def test_pretrained_open_clip_loads_from_a_local_file_and_guides_through_x0(tmp_
         load_open_clip(str(config), None, "cpu")
     # A clean CLIP scores the predicted x0 (resized to 16x16, normalised): a guided eps raises that score.
     guide = CleanGuide(model, tokenizer)
-    scheduler = build_sampler(build_train_scheduler(tiny_config(tmp_path).diffusion), "ddim", 10)
+    schedule = NoiseSchedule.from_config(tiny_config(tmp_path).diffusion)
+    sampler = build_sampler(schedule, "ddim", 10)
     torch.manual_seed(1)
-    x, eps = noisy_pair(scheduler, 4, 6)
-    info = step_info(scheduler, x, 6)
+    x, eps = noisy_pair(schedule, sampler, 4, 6)
+    info = step_info(schedule, sampler, x, 6)
     text = guide.encode_prompts([PROMPT] * 4)
     guided = guide.term(text, 1e-3, "eps", list(range(4)))(eps, info)
     with torch.no_grad():
@@ -135,6 +139,35 @@ def test_pretrained_open_clip_loads_from_a_local_file_and_guides_through_x0(tmp_
     assert (after > before).all()
     cutouts = CleanGuide(model, tokenizer, cutouts=3)
     assert cutouts.views(x, [torch.Generator().manual_seed(i) for i in range(4)]).shape == (12, 3, 16, 16)
+
+
+def test_clean_clip_scores_an_x0_inside_the_data_range_and_moves_it_boundedly(tmp_path):
+    """Over a whole run with a model whose raw x0 is far out of range and a large scale, the x0 that
+    CLIP scores stays within [-1, 1] at every t, and one guided step moves x0 by s (1 - ab) grad_x0,
+    at most s * grad_x0 (not s (1 - ab) / ab * grad_x0, ~25,000 s at t = 999)."""
+    config, weights, _ = save_tiny_open_clip(tmp_path)
+    guide = CleanGuide(*load_open_clip(str(config), str(weights), "cpu"))
+    scored = []
+    similarity = guide.similarity
+    guide.similarity = lambda x0, text, gens: scored.append(x0.detach().clone()) or similarity(x0, text, gens)
+    schedule = NoiseSchedule.from_config(tiny_config(tmp_path).diffusion)
+    text = guide.encode_prompts([PROMPT] * 2)
+    scale = 50.0
+    noise, generators = seeded_noise((3, 8, 8), [0, 1])
+    wild = lambda x, info: -4 * x  # noqa: E731  raw x0 = 5x / sqrt(ab): far outside [-1, 1]
+    sampler = build_sampler(schedule, "ddim", 10)
+    trajectory = Trajectory(schedule, sampler, generators, Guidance(terms=[guide.term(text, scale, "eps", [0, 1])]))
+    sample_loop(wild, trajectory, noise)
+    assert len(scored) == 10 and all(float(x0.abs().max()) <= 1.0 for x0 in scored)
+
+    info = step_info(schedule, sampler, noise, 0)
+    eps = torch.randn_like(noise)
+    shifted = guide.term(text, scale, "eps", [0, 1])(eps, info)
+    x0_shift = epsilon_to_x0(shifted, noise, info.alpha_bar) - epsilon_to_x0(eps, noise, info.alpha_bar)
+    x0 = epsilon_to_x0(eps, noise, info.alpha_bar).clamp(-1, 1).requires_grad_(True)
+    grad = torch.autograd.grad(similarity(x0, text, []).sum(), x0)[0]
+    expected = scale * (1 - info.alpha_bar) * grad
+    assert float((x0_shift - expected).norm() / expected.norm()) < 1e-3
 
 
 def test_retrieval_counts_any_caption_of_the_same_class():
@@ -158,9 +191,6 @@ def read_pixels(directory: Path) -> list[np.ndarray]:
 
 
 def test_end_to_end_through_the_clis(runs, tmp_path, capsys):
-    from diffusion.evaluate.__main__ import main as evaluate
-    from diffusion.sample_cli import main as sample
-
     clip, denoiser = runs["clip"], runs["denoiser"]
     assert (clip / "diagnostics" / "clip_retrieval_step-000002.csv").is_file()
     evaluate(["clip", "--checkpoint", str(clip), "--num-samples", "40"])

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from diffusion.config import load_config
 from diffusion.data.shapes import ShapesDataset
 from diffusion.evaluate.__main__ import main
-from diffusion.generate import save_png
-from diffusion.training import checkpoint as ckpt
+from diffusion.sampling.images import save_png
+from diffusion.checkpoints import store as ckpt
 from diffusion.training.tasks import build_task
 
 

@@ -6,12 +6,21 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion import inpaint
-from diffusion.config import InpaintConfig, ModelConfig, save_config
+from diffusion.checkpoints import store as ckpt
+from diffusion.checkpoints.init_from import initialise_from
+from diffusion.checkpoints.load import load_model
+from diffusion.cli.sample import main as sample_main
+from diffusion.conditioning.inpaint import files, methods
+from diffusion.conditioning.inpaint.masks import HOLES, seeded_keep_mask, training_keep_masks
+from diffusion.config import DiffusionConfig, InpaintConfig, ModelConfig, save_config
 from diffusion.errors import UserError
-from diffusion.inpaint_masks import HOLES, seeded_keep_mask, training_keep_masks
 from diffusion.models import Denoiser
-from diffusion.training import checkpoint as ckpt
+from diffusion.sampling.images import to_pil
+from diffusion.sampling.loop import Guidance, Trajectory, sample_loop, seeded_noise
+from diffusion.sampling.plan import SamplerSettings
+from diffusion.sampling.samplers import build_sampler, noise_from, trailing_timesteps
+from diffusion.sampling.schedule import NoiseSchedule, x0_to_epsilon
+from diffusion.training.trainer import train
 from tests.conftest import tiny_config
 
 
@@ -30,7 +39,7 @@ def binary_image(seed: int, n: int = 2, res: int = 8) -> tuple[torch.Tensor, tor
 
 def test_channel_layout_and_order():
     image, keep = binary_image(0)
-    channels = inpaint.inpaint_channels(image, keep)
+    channels = methods.inpaint_channels(image, keep)
     assert channels.shape == (2, 4, 8, 8)
     assert torch.equal(channels[:, :3], image * keep) and torch.equal(channels[:, 3:], keep)
     assert (channels[:, :3][keep.expand(-1, 3, -1, -1) == 0] == 0).all()  # zeros where unknown
@@ -48,7 +57,7 @@ def test_channel_layout_and_order():
 def test_training_channels_mask_the_batch(tmp_path):
     cfg = tiny_config(tmp_path, "model.inpaint=true")
     x0 = torch.rand(16, 3, 8, 8) * 2 - 1
-    channels = inpaint.training_channels(x0, cfg)
+    channels = methods.training_channels(x0, cfg)
     keep = channels[:, 3:]
     assert channels.shape == (16, 4, 8, 8) and set(keep.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(channels[:, :3], x0 * keep)
@@ -57,28 +66,28 @@ def test_training_channels_mask_the_batch(tmp_path):
 def test_mask_file_round_trip(tmp_path):
     white = (np.random.default_rng(0).random((16, 16)) > 0.6).astype(np.uint8) * 255
     Image.fromarray(white, mode="L").save(tmp_path / "mask.png")
-    keep = inpaint.load_mask(tmp_path / "mask.png", 16)
+    keep = files.load_mask(tmp_path / "mask.png", 16)
     assert keep.shape == (1, 1, 16, 16)
     assert torch.equal(keep[0, 0], torch.from_numpy(white == 0).float())  # white = generate -> keep 0
-    assert np.array_equal(np.asarray(inpaint.mask_image(keep)), white)  # file -> keep-mask -> file
-    flipped = inpaint.load_mask(tmp_path / "mask.png", 16, invert=True)
+    assert np.array_equal(np.asarray(files.mask_image(keep)), white)  # file -> keep-mask -> file
+    flipped = files.load_mask(tmp_path / "mask.png", 16, invert=True)
     assert torch.equal(flipped, 1 - keep)
     # The mask gets the image's transform: a 2x larger, wider file maps onto the same centre crop.
     big = np.pad(np.kron(white, np.ones((2, 2), np.uint8)), ((0, 0), (8, 8)))
     Image.fromarray(big, mode="L").save(tmp_path / "big.png")
-    assert torch.equal(inpaint.load_mask(tmp_path / "big.png", 16), keep)
+    assert torch.equal(files.load_mask(tmp_path / "big.png", 16), keep)
 
 
 def test_coverage_warnings():
-    assert "almost all white" in inpaint.coverage_warning(torch.zeros(1, 1, 16, 16))
-    assert "almost all black" in inpaint.coverage_warning(torch.ones(1, 1, 16, 16))
-    assert inpaint.coverage_warning(seeded_keep_mask("half", 16, 0)) is None
+    assert "almost all white" in files.coverage_warning(torch.zeros(1, 1, 16, 16))
+    assert "almost all black" in files.coverage_warning(torch.ones(1, 1, 16, 16))
+    assert files.coverage_warning(seeded_keep_mask("half", 16, 0)) is None
 
 
 def test_paste_back_is_exact():
     image, keep = binary_image(1)
     generated = torch.randn(2, 3, 8, 8) * 5
-    out = inpaint.paste_back(generated, image, keep)
+    out = methods.paste_back(generated, image, keep)
     known = keep.expand(-1, 3, -1, -1) > 0
     assert torch.equal(out[known], image[known]) and torch.equal(out[~known], generated[~known])
 
@@ -107,11 +116,70 @@ def test_mask_mix_follows_the_config():
         training_keep_masks(2, 16, InpaintConfig(all_known=0.8, all_unknown=0.5))
 
 
-def test_repaint_schedule():
-    assert inpaint.repaint_schedule(6, 2, 1) == [5, 4, 3, 2, 1, 0]  # no jumps: plain descent
-    levels = inpaint.repaint_schedule(6, 2, 3)
-    down = sum(b < a for a, b in zip([6, *levels], levels))
-    assert levels[-1] == 0 and down == 6 + 2 * 2 * 2  # 2 jump points, 2 extra passes of 2 steps each
+def reference_schedule_jump(t_T: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """Lugmayr et al.'s `get_schedule_jump` (RePaint, guided_diffusion/scheduler.py), without its
+    unused jump2/jump3 options: model timesteps t_T - 1 .. 0, then -1 for the clean image."""
+    jumps = {}
+    for j in range(0, t_T - jump_length, jump_length):
+        jumps[j] = jump_n_sample - 1
+    t = t_T
+    ts = []
+    while t >= 1:
+        t = t - 1
+        ts.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] = jumps[t] - 1
+            for _ in range(jump_length):
+                t = t + 1
+                ts.append(t)
+    ts.append(-1)
+    return ts
+
+
+def test_repaint_schedule_is_the_reference_one():
+    """Their timestep t is our level t + 1 (level 0 = the clean image); their first entry is the start."""
+    assert methods.repaint_schedule(6, 2, 1) == [5, 4, 3, 2, 1, 0]  # no jumps: plain descent
+    for steps in range(1, 25):
+        for jump_length in range(1, 6):
+            for jump_n_sample in range(1, 5):
+                ours = methods.repaint_schedule(steps, jump_length, jump_n_sample)
+                ref = reference_schedule_jump(steps, jump_length, jump_n_sample)
+                assert ours == [t + 1 for t in ref[1:]], (steps, jump_length, jump_n_sample)
+    levels = methods.repaint_schedule(10, 2, 3)
+    assert levels[-1] == 0 and 0 not in levels[:-1]  # the last round ends on the clean image, never restarts there
+
+
+def test_replace_hook_noises_the_known_region_to_the_next_timestep():
+    """After each step the known region is sqrt(ab_next) known + sqrt(1 - ab_next) noise, with that
+    sample's own noise draw; after the last step it is the known image itself."""
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    image, keep = binary_image(4, n=2)
+    n = 7  # does not divide 1000
+    timesteps = trailing_timesteps(1000, n)
+    states, seen = {}, {}
+
+    def before(x, info):  # the generators' state as the replace hook finds it
+        states[info.step.index] = [g.get_state() for g in info.generators]
+        return x
+
+    def after(x, info):
+        seen[info.step.index] = x.clone()
+        return x
+
+    model_fn = lambda x, info: x0_to_epsilon(torch.zeros_like(x), x, info.alpha_bar)  # noqa: E731
+    for name in ("ddpm", "ddim"):
+        noise, generators = seeded_noise((3, 8, 8), [11, 12])
+        hooks = [before, methods.replace_hook(image, keep), after]
+        trajectory = Trajectory(schedule, build_sampler(schedule, name, n), generators, Guidance(hooks=hooks))
+        sample_loop(model_fn, trajectory, noise)
+        known = keep.expand(-1, 3, -1, -1) > 0
+        for index in range(n):
+            replay = [torch.Generator().set_state(s) for s in states[index]]
+            drawn = noise_from(replay, (3, 8, 8))
+            t_next = timesteps[index + 1] if index + 1 < n else -1
+            ab = schedule.alpha_bar(t_next)
+            expected = ab.sqrt() * image + (1 - ab).sqrt() * drawn if t_next >= 0 else image
+            torch.testing.assert_close(seen[index][known], expected[known], msg=f"{name} step {index}")
 
 
 def write_checkpoint(model: torch.nn.Module, cfg, directory) -> None:
@@ -122,8 +190,6 @@ def write_checkpoint(model: torch.nn.Module, cfg, directory) -> None:
 
 
 def test_widened_model_equals_base_at_init(tmp_path):
-    from diffusion.init_from import initialise_from
-
     torch.manual_seed(0)
     base = Denoiser(tiny_model_config(), 8, 12).eval()
     write_checkpoint(base, tiny_config(tmp_path), tmp_path / "base")
@@ -131,7 +197,7 @@ def test_widened_model_equals_base_at_init(tmp_path):
     report = initialise_from(widened, tmp_path / "base")
     assert report["widened"] == ["unet.conv_in.weight"]
     x, t, labels = torch.randn(3, 3, 8, 8), torch.tensor([1, 50, 99]), torch.tensor([0, 5, 12])
-    channels = inpaint.inpaint_channels(*binary_image(2, 3))
+    channels = methods.inpaint_channels(*binary_image(2, 3))
     with torch.no_grad():
         assert torch.allclose(widened(x, t, labels=labels, channels=channels), base(x, t, labels=labels), atol=1e-6)
     other = Denoiser(tiny_model_config(base_channels=8, inpaint=True), 8, 12)
@@ -144,25 +210,20 @@ def test_widened_model_equals_base_at_init(tmp_path):
 
 
 def test_replace_and_repaint_keep_known_pixels_on_any_checkpoint(tiny_run):
-    from diffusion.generate import load_model
-
     loaded = load_model(tiny_run)
     image, keep = binary_image(3, n=2)
     for method in ("replace", "repaint"):
-        out = inpaint.run_inpainting(loaded, image, keep, method, sampler="ddim", steps=4, jump_length=2, jump_n_sample=2)
+        out = methods.run_inpainting(loaded, image, keep, method, SamplerSettings("ddim", 4), jump_length=2,
+                                     jump_n_sample=2)
         known = keep.expand(-1, 3, -1, -1) > 0
         assert torch.equal(out[known], image[known].clamp(-1, 1))
     with pytest.raises(UserError, match="in-painting checkpoint"):
-        inpaint.run_inpainting(loaded, image, keep, "channels", sampler="ddim", steps=2)
+        methods.run_inpainting(loaded, image, keep, "channels", SamplerSettings("ddim", 2))
     with pytest.raises(UserError, match="--sampler ddim"):
-        inpaint.run_inpainting(loaded, image, keep, "repaint", sampler="dpmsolver", steps=2)
+        methods.run_inpainting(loaded, image, keep, "repaint", SamplerSettings("dpmsolver", 2))
 
 
 def test_end_to_end_base_to_inpaint_finetune_to_sample(tiny_run, tmp_path, capsys):
-    from diffusion.generate import to_pil
-    from diffusion.sample_cli import main as sample_main
-    from diffusion.training.trainer import train
-
     run = tmp_path / "inpaint"
     train(tiny_config(run, "train.max_steps=2", f"init_from={tiny_run}", config="configs/inpaint_shapes.yaml"))
     assert (run / "final" / ckpt.EMA_FILE).is_file()
@@ -174,8 +235,8 @@ def test_end_to_end_base_to_inpaint_finetune_to_sample(tiny_run, tmp_path, capsy
     out = tmp_path / "samples"
     sample_main(["--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
                  "--class-label", "3", "--num-samples", "2", "--steps", "3", "--out", str(out)])
-    expected = np.asarray(to_pil(inpaint.load_image(tmp_path / "in.png", 8)[0]))
-    keep = inpaint.load_mask(tmp_path / "mask.png", 8)[0, 0].bool().numpy()
+    expected = np.asarray(to_pil(files.load_image(tmp_path / "in.png", 8)[0]))
+    keep = files.load_mask(tmp_path / "mask.png", 8)[0, 0].bool().numpy()
     for i in range(2):
         result = Image.open(out / f"sample_{i:04d}.png")
         assert result.text["inpaint_method"] == "channels" and result.text["label"] == "3"
@@ -188,10 +249,6 @@ def test_end_to_end_base_to_inpaint_finetune_to_sample(tiny_run, tmp_path, capsy
 
 def test_caption_model_inpaints_with_a_prompt_and_cfg(tmp_path):
     """A caption-conditioned base, widened by init_from, in-paints from --prompt with CFG; known pixels stay."""
-    from diffusion.generate import to_pil
-    from diffusion.sample_cli import main as sample_main
-    from diffusion.training.trainer import train
-
     text = ["model.text.width=16", "model.text.layers=1", "model.text.context_length=8", "train.max_steps=2"]
     base, run = tmp_path / "base", tmp_path / "inpaint"
     train(tiny_config(base, *text, config="configs/shapes_text.yaml"))
@@ -205,7 +262,7 @@ def test_caption_model_inpaints_with_a_prompt_and_cfg(tmp_path):
     sample_main(["--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
                  "--prompt", "a green square", "--guidance-scale", "3", "--num-samples", "2", "--steps", "3",
                  "--out", str(out)])
-    expected = np.asarray(to_pil(inpaint.load_image(tmp_path / "in.png", 8)[0]))
+    expected = np.asarray(to_pil(files.load_image(tmp_path / "in.png", 8)[0]))
     keep = ~white.astype(bool)
     for i in range(2):
         result = Image.open(out / f"sample_{i:04d}.png")

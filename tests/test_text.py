@@ -8,10 +8,13 @@ from PIL import Image
 from tests.conftest import TINY, tiny_config
 from diffusion.config import DiffusionConfig, ModelConfig, TextConfig
 from diffusion.data.common import template_caption
-from diffusion.guidance import ClassifierFreeGuidance, StepInfo, dynamic_threshold, rescale_guidance
+from diffusion.cli.sample import main as sample_main
+from diffusion.sampling.guidance import CFGOptions, ClassifierFreeGuidance, StepInfo, dynamic_threshold, rescale_guidance
+from diffusion.sampling.loop import Trajectory
+from diffusion.sampling.samplers import Step
 from diffusion.models import build_denoiser
 from diffusion.models.text import TextEncoder, empty_tokens_like, real_token_mask, tokenize
-from diffusion.schedule import alpha_bar, build_train_scheduler, epsilon_to_x0, x0_to_epsilon
+from diffusion.sampling.schedule import NoiseSchedule, epsilon_to_x0, x0_to_epsilon
 from diffusion.training.tasks import DenoiserTask
 
 TEXT = TextConfig(width=16, layers=1, heads=2, context_length=16)
@@ -51,23 +54,31 @@ class TwoPredictions(torch.nn.Module):
         return torch.where(empty, self.eps_u, self.eps_c)
 
 
+SCHEDULE = NoiseSchedule.from_config(DiffusionConfig(num_train_timesteps=100))
+
+
+def info_at(x: torch.Tensor, t: int) -> StepInfo:
+    """What the loop hands the model function at timestep t (the whole batch shares it)."""
+    return Trajectory(SCHEDULE, None, []).info(x, Step(0, t, t - 1))
+
+
 def _cfg(model, scale, **options):
-    sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=100))
     tokens = tokenize(["a red circle", "a blue square"], 16)
-    return ClassifierFreeGuidance(model, {"tokens": tokens}, {"tokens": empty_tokens_like(tokens)}, scale, "epsilon",
-                                  sched, **options), sched
+    return ClassifierFreeGuidance(model, {"tokens": tokens}, {"tokens": empty_tokens_like(tokens)}, scale,
+                                  CFGOptions(**options))
 
 
 def test_cfg_scale_one_is_conditional_and_zero_unconditional():
     model = tiny_text_model()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([40, 40])
     tokens = tokenize(["a red circle", "a blue square"], 16)
+    info = info_at(x, 40)
     with torch.no_grad():
         eps_c, eps_u = model(x, t, tokens=tokens), model(x, t, tokens=empty_tokens_like(tokens))
         assert not torch.allclose(eps_c, eps_u)
-        assert torch.equal(_cfg(model, 1.0)[0](x, t), eps_c)
-        assert torch.equal(_cfg(model, 0.0)[0](x, t), eps_u)
-        torch.testing.assert_close(_cfg(model, 3.0)[0](x, t), eps_u + 3 * (eps_c - eps_u), atol=1e-5, rtol=1e-4)
+        assert torch.equal(_cfg(model, 1.0)(x, info), eps_c)
+        assert torch.equal(_cfg(model, 0.0)(x, info), eps_u)
+        torch.testing.assert_close(_cfg(model, 3.0)(x, info), eps_u + 3 * (eps_c - eps_u), atol=1e-5, rtol=1e-4)
 
 
 def test_padding_does_not_change_the_text_embedding():
@@ -94,37 +105,31 @@ def test_rescale_matches_formula():
     # Inside CFG: applied to the predicted x0 of eps_u + s (eps_c - eps_u), then back to eps.
     torch.manual_seed(0)
     eps_c, eps_u = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
-    fn, sched = _cfg(TwoPredictions(eps_c, eps_u), 4.0, rescale=0.7)
-    x, t = torch.randn(2, 3, 4, 4), torch.tensor([60, 60])
-    ab = alpha_bar(sched, t)
+    fn = _cfg(TwoPredictions(eps_c, eps_u), 4.0, rescale=0.7)
+    x = torch.randn(2, 3, 4, 4)
+    ab = SCHEDULE.alpha_bar(torch.tensor([60, 60]))
     guided = eps_u + 4.0 * (eps_c - eps_u)
     x0 = rescale_guidance(epsilon_to_x0(guided, x, ab), epsilon_to_x0(eps_c.expand(2, -1, -1, -1), x, ab), 0.7)
-    torch.testing.assert_close(fn(x, t), x0_to_epsilon(x0, x, ab), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fn(x, info_at(x, 60)), x0_to_epsilon(x0, x, ab), atol=1e-4, rtol=1e-4)
 
 
 def test_dynamic_threshold_matches_formula():
-    sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=100))
-    t = torch.tensor([50, 50])
-    ab = alpha_bar(sched, t)
     x0 = torch.tensor([[-0.5, 0.2, 0.9, -1.0], [-4.0, -2.0, 0.0, 2.0]]).view(2, 1, 2, 2)
-    x = torch.randn(2, 1, 2, 2)
-    info = StepInfo(x=x, t=t, alpha_bar=ab, scheduler=sched, index=0, next_t=None)
-    eps = x0_to_epsilon(x0, x, ab)
     # p=50: |x0| of sample 2 is (4, 2, 0, 2), median s = 2: clip to [-2, 2], divide by 2; sample 1 has s < 1 -> 1.
-    out = epsilon_to_x0(dynamic_threshold(50)(eps, info), x, ab)
     expected = torch.tensor([[-0.5, 0.2, 0.9, -1.0], [-1.0, -1.0, 0.0, 1.0]]).view(2, 1, 2, 2)
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    out = epsilon_to_x0(dynamic_threshold(100)(eps, info), x, ab)  # s = max |x0| = 4: plain rescaling
-    torch.testing.assert_close(out[1], x0[1] / 4, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dynamic_threshold(50)(x0), expected)
+    torch.testing.assert_close(dynamic_threshold(100)(x0)[1], x0[1] / 4)  # s = max |x0| = 4: plain rescaling
+    assert CFGOptions(threshold=50).x0_processor()(x0).abs().max() <= 1
 
 
 def test_guidance_interval_guides_only_inside():
     torch.manual_seed(0)
     eps_c, eps_u = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
-    fn, _ = _cfg(TwoPredictions(eps_c, eps_u), 3.0, interval=(20, 60))
+    fn = _cfg(TwoPredictions(eps_c, eps_u), 3.0, interval=(20, 60))
     x = torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(fn(x, torch.tensor([40, 80])), torch.cat([eps_u + 3 * (eps_c - eps_u), eps_c]))
-    torch.testing.assert_close(fn(x, torch.tensor([10, 10])), eps_c.expand(2, -1, -1, -1))
+    torch.testing.assert_close(fn(x, info_at(x, 40)), (eps_u + 3 * (eps_c - eps_u)).expand(2, -1, -1, -1))
+    for outside in (10, 80):
+        torch.testing.assert_close(fn(x, info_at(x, outside)), eps_c.expand(2, -1, -1, -1))
 
 
 def test_cifar_style_captions_vary():
@@ -153,8 +158,6 @@ def text_run(tmp_path_factory):
 def test_train_with_captions_then_sample_prompt(text_run, tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
-    from diffusion.sample_cli import main as sample_main
-
     assert (text_run / "samples" / "step-000002.png").is_file()
     UNet2DConditionModel.from_pretrained(text_run / "final" / "unet")
     TextEncoder.from_pretrained(text_run / "final" / "text_encoder")
@@ -171,8 +174,6 @@ def test_train_with_captions_then_sample_prompt(text_run, tmp_path, capsys):
 
 
 def test_prompt_errors(text_run, tiny_run, tmp_path, capsys):
-    from diffusion.sample_cli import main as sample_main
-
     out = sample_main(["--checkpoint", str(text_run), "--num-samples", "1", "--steps", "1", "--out", str(tmp_path / "d")])
     assert Image.open(out / "sample_0000.png").text["prompt"] == "a red circle"  # no --prompt: the run's sample.prompts
     for argv, message in (

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from diffusion.training import checkpoint as ckpt
+from diffusion.checkpoints import store as ckpt
 from diffusion.training.trainer import Trainer, train
 from tests.conftest import ROOT, TINY, tiny_config
 
@@ -67,7 +67,7 @@ def test_compiled_run_saves_bare_names_samples_and_resumes_uncompiled(tmp_path):
     """train.compile=true (GPU configs): checkpoints and export hold the bare model's names, not
     torch.compile's `_orig_mod.` ones, so sample.py, plain diffusers and an uncompiled resume load them.
     aot_eager runs the same torch.compile wrapping as inductor without minutes of kernel generation."""
-    from diffusion.generate import load_model
+    from diffusion.checkpoints.load import load_model
 
     compiled, plain = tmp_path / "compiled", tmp_path / "plain"
     for out, extra, is_compiled in ((compiled, ["train.compile=true", "train.compile_backend=aot_eager"], True),

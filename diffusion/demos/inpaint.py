@@ -14,13 +14,16 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from .. import inpaint
+from ..checkpoints.load import load_model
+from ..conditioning.inpaint import files
+from ..conditioning.inpaint.masks import MASK_TYPES, seeded_mask_grid
+from ..conditioning.inpaint.methods import METHODS, default_method, run_inpainting
+from ..device import default_precision, pick_device
 from ..errors import UserError, exit_on_user_error
-from ..device import pick_device
-from ..generate import load_model, to_pil
-from ..inpaint_masks import MASK_TYPES, seeded_mask_grid
 from ..io import atomic_write
-from ..schedule import SAMPLERS
+from ..sampling.images import to_pil
+from ..sampling.plan import SamplerSettings
+from ..sampling.samplers import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder for inpaint_demo.png")
     parser.add_argument("--num-images", type=int, default=6)
     parser.add_argument("--mask-types", default=",".join(MASK_TYPES), help=f"comma-separated, from {', '.join(MASK_TYPES)}")
-    parser.add_argument("--method", choices=inpaint.METHODS, default=None)
+    parser.add_argument("--method", choices=METHODS, default=None)
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the run's config (ddim for repaint)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
@@ -63,18 +66,19 @@ def main(argv: list[str] | None = None) -> Path:
     device = pick_device(args.device)
     loaded = load_model(args.checkpoint, device)
     res = loaded.cfg.data.resolution
-    method = args.method or inpaint.default_method(loaded.cfg)
+    method = args.method or default_method(loaded.cfg)
     sampler = args.sampler or ("ddim" if method == "repaint" else loaded.cfg.sample.sampler)
-    photos, _ = inpaint.load_image_folder(args.images, res, args.num_images)
+    photos, _ = files.load_image_folder(args.images, res, args.num_images)
     images = photos.repeat_interleave(len(kinds), 0)
     keeps = seeded_mask_grid(kinds, len(photos), res, args.seed)
-    results = inpaint.run_inpainting(loaded, images, keeps, method, sampler=sampler, steps=args.steps or loaded.cfg.sample.steps,
-                                     guidance_scale=args.guidance_scale, seed=args.seed, jump_length=args.jump_length,
-                                     jump_n_sample=args.jump_n_sample, progress=True)
-    cells = torch.stack([inpaint.strip(im, kp, r, pad=2) for im, kp, r in zip(images, keeps, results)])
+    settings = SamplerSettings(sampler, args.steps or loaded.cfg.sample.steps, args.guidance_scale,
+                               precision=default_precision(device))
+    results = run_inpainting(loaded, images, keeps, method, settings, seed=args.seed, jump_length=args.jump_length,
+                             jump_n_sample=args.jump_n_sample, bar=True)
+    cells = torch.stack([files.strip(im, kp, r, pad=2) for im, kp, r in zip(images, keeps, results)])
     pad = 4
     grid = make_grid(cells, nrow=len(kinds), padding=pad, pad_value=1.0)
-    grid = inpaint.upscale(grid, grid.shape[-2] * args.zoom)
+    grid = files.upscale(grid, grid.shape[-2] * args.zoom)
     picture = label_columns(to_pil(grid), kinds, cells.shape[-1] * args.zoom, pad * args.zoom)
     out = Path(args.out) / "inpaint_demo.png"
     atomic_write(out, lambda tmp: picture.save(tmp, format="PNG", optimize=True))

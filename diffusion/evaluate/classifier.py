@@ -10,12 +10,67 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..classifier import REPORT_NAME, held_out_accuracy
-from ..errors import UserError
+import torch
+
+from ..checkpoints.load import load_model
+from ..checkpoints.store import run_dir_of
+from ..config import Config, DataConfig
+from ..data import build_dataset
 from ..device import pick_device
-from ..generate import load_model
-from ..training.checkpoint import run_dir_of
-from .buckets import format_table, write_bucket_report
+from ..errors import UserError
+from ..models.classifier import NoisyClassifier
+from ..sampling.schedule import build_train_scheduler
+from .buckets import bucket_accuracy, format_table, write_bucket_report
+
+PREVIEW_SAMPLES = 600  # held-out images per training-time accuracy report (60 per timestep bucket)
+REPORT_NAME = "classifier_accuracy"
+
+
+def held_out_split(data: DataConfig) -> str:
+    """The split reserved for evaluation (image folders without a test/ folder reuse their images)."""
+    if data.name == "imagefolder" and not (Path(data.root) / "test").is_dir():
+        print(f"note: {data.root} has no test/ folder; accuracy is measured on training images")
+    return "test"
+
+
+@torch.no_grad()
+def held_out_accuracy(model: NoisyClassifier, cfg: Config, num_samples: int, seed: int = 0,
+                      batch_size: int = 256) -> list[dict]:
+    """Accuracy on noised held-out images in 10 timestep buckets (`bucket_accuracy` rows).
+
+    Images are a seeded random subset of the held-out split; timesteps are stratified so every
+    bucket gets the same number of images; the noise is seeded, so reports are comparable across steps.
+    """
+    dataset = build_dataset(cfg.data, held_out_split(cfg.data))
+    scheduler = build_train_scheduler(cfg.diffusion)
+    total = scheduler.config.num_train_timesteps
+    generator = torch.Generator().manual_seed(seed)
+    n = min(num_samples, len(dataset))
+    indices = torch.randperm(len(dataset), generator=generator)[:n].tolist()
+    timesteps = ((torch.arange(n) + 0.5) * total / n).long()[torch.randperm(n, generator=generator)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = []
+    try:
+        for start in range(0, n, batch_size):
+            x0 = torch.stack([dataset[i]["image"] for i in indices[start:start + batch_size]])
+            labels = torch.tensor([dataset[i]["label"] for i in indices[start:start + batch_size]])
+            t = timesteps[start:start + len(x0)]
+            x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
+            logits = model(x_t.to(device), t.to(device))
+            correct.append(logits.argmax(dim=-1).cpu() == labels)
+    finally:
+        model.train(was_training)
+    return bucket_accuracy(torch.cat(correct), timesteps, total)
+
+
+def summary_line(rows: list[dict]) -> str:
+    """'acc by t: 0-99 0.98 | ... | mean 0.71' for logs and the training bar."""
+    cells = " ".join(f"{r['accuracy']:.2f}" for r in rows)
+    valid = [r["accuracy"] for r in rows if r["n"]]
+    return f"held-out accuracy per t bucket (low t first): {cells} | mean {sum(valid) / max(1, len(valid)):.3f}"
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

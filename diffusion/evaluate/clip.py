@@ -10,12 +10,83 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..clip import DIAGNOSTICS_DIR, REPORT_NAME, retrieval_buckets, write_report
-from ..errors import UserError
+import torch
+
+from ..checkpoints.load import load_model
+from ..checkpoints.store import run_dir_of
+from ..config import Config
+from ..data import build_dataset
 from ..device import pick_device
-from ..generate import load_model
-from ..training.checkpoint import run_dir_of
-from .buckets import format_table
+from ..errors import UserError
+from ..models.clip import NoisyCLIP
+from ..sampling.schedule import build_train_scheduler
+from .buckets import bucket_accuracy, format_table, write_bucket_report
+
+DIAGNOSTICS_DIR = "diagnostics"
+REPORT_NAME = "clip_retrieval"
+
+
+def retrieval_hits(logits: torch.Tensor, candidates: list[str], right: list[set[str]]) -> torch.Tensor:
+    """Whether each row's top-scoring candidate caption is one of its right captions."""
+    return torch.tensor([candidates[j] in ok for j, ok in zip(logits.argmax(dim=1).tolist(), right)])
+
+
+def right_captions(captions: list[str], labels: list[int], by_label: bool) -> list[set[str]]:
+    """The captions that count as a right retrieval for each image: any caption of an image of its
+    class when classes exist (template captions vary in wording, not content), else its own."""
+    if not by_label:
+        return [{c} for c in captions]
+    of_label: dict[int, set[str]] = {}
+    for caption, label in zip(captions, labels):
+        of_label.setdefault(label, set()).add(caption)
+    return [of_label[label] for label in labels]
+
+
+@torch.no_grad()
+def retrieval_buckets(model: NoisyCLIP, cfg: Config, num_samples: int = 1000, buckets: int = 10, seed: int = 0,
+                      batch_size: int = 250, split: str = "test") -> tuple[list[dict], float]:
+    """Image->text retrieval accuracy of held-out x_t per timestep bucket, and the chance level.
+
+    Each image is noised at a t stratified over the buckets and retrieves among the distinct
+    captions of the evaluated images. It is right when the best caption is one of an image of its
+    class (for datasets with classes; "a red circle" and "a small red circle" both describe a red
+    circle), else when it is its own caption. Chance: the expected accuracy of a random caption.
+    """
+    dataset = build_dataset(cfg.data, split)
+    gen = torch.Generator().manual_seed(seed)
+    n = min(num_samples, len(dataset))
+    indices = torch.randperm(len(dataset), generator=gen)[:n].tolist()
+    total = cfg.diffusion.num_train_timesteps
+    width = total / buckets
+    t = ((torch.arange(n) % buckets) * width + torch.rand(n, generator=gen) * width).long().clamp(max=total - 1)
+    scheduler = build_train_scheduler(cfg.diffusion)
+    items = [dataset[i] for i in indices]
+    captions = [item["caption"] for item in items]
+    candidates = sorted(set(captions))
+    right = right_captions(captions, [int(item["label"]) for item in items], getattr(dataset, "num_classes", 0) > 1)
+    device = model.logit_scale.device
+    was_training = model.training
+    model.eval()
+    try:
+        text = model.encode_prompts(candidates)
+        correct = []
+        for start in range(0, n, batch_size):
+            x0 = torch.stack([item["image"] for item in items[start:start + batch_size]])
+            tb = t[start:start + batch_size]
+            x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen), tb)
+            image = model.encode_image(x_t.to(device), tb.to(device))
+            correct.append(retrieval_hits(image @ text.T, candidates, right[start:start + batch_size]))
+    finally:
+        model.train(was_training)
+    chance = sum(len(ok) for ok in right) / (n * len(candidates))
+    return bucket_accuracy(torch.cat(correct), t, total, buckets), chance
+
+
+def write_report(rows: list[dict], chance: float, out_dir: Path, name: str) -> tuple[Path, Path]:
+    title = f"CLIP image->text retrieval (chance {chance:.3f})"
+    return write_bucket_report(rows, out_dir, name, title)
+
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,11 +28,14 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
+from ..checkpoints.load import load_model
+from ..cli.sample import build_parser, check_args, features, make_plan, sampler_settings
 from ..data.common import load_rgb
-from ..errors import UserError
 from ..device import pick_device
-from ..generate import SampleItem, load_model, run_plan, save_png
+from ..errors import UserError
 from ..io import atomic_write_text
+from ..sampling.images import save_png
+from ..sampling.plan import SampleItem, run_plan
 from .extractors import RESIZES, build_extractor
 from .feature_stats import KID_SUBSET_SIZE, KID_SUBSETS, accumulate, scores
 from .reference import default_cache_dir, reference_config, reference_stats
@@ -113,26 +116,24 @@ def interleave(items: list[SampleItem], groups: int, limit: int) -> list[SampleI
 
 def generate(args: argparse.Namespace, rest: list[str], device: torch.device) -> tuple[list[Path], dict]:
     """Sample `--num-samples` PNGs from a checkpoint into the sample directory, reusing matching files."""
-    from ..sample_cli import build_parser, check_args, load_features, make_plan
-
     loaded = load_model(args.samples, device)
     if loaded.cfg.task != "denoiser":
         raise UserError(f"{args.samples} is a {loaded.cfg.task} checkpoint; --samples needs a denoiser or a directory")
-    sampler = args.sampler or loaded.cfg.sample.sampler
-    steps = args.steps or (1000 if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
-    scale = loaded.cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    settings = {"sampler": sampler, "steps": str(steps), "guidance_scale": str(scale), "checkpoint": str(loaded.path)}
-    features = load_features()
-    parser = build_parser(features)
-    base = ["--checkpoint", args.samples, "--seed", str(args.seed), "--sampler", sampler, "--steps", str(steps),
-            "--guidance-scale", str(scale), "--batch-size", str(args.batch_size), *rest]
+    feature_list = features()
+    parser = build_parser(feature_list)
+    base = ["--checkpoint", args.samples, "--seed", str(args.seed), "--batch-size", str(args.batch_size), *rest]
+    for flag, value in (("--sampler", args.sampler), ("--steps", args.steps), ("--guidance-scale", args.guidance_scale)):
+        if value is not None:
+            base += [flag, str(value)]
     probe = parser.parse_args(base + ["--num-samples", "1"])
     check_args(probe)
-    variants = [({}, {}, {})]
-    for feature in features:  # how many condition groups (classes, prompts) the plan cycles through
+    settings = sampler_settings(probe, loaded)
+    sampler, steps, scale = settings.sampler, settings.steps, settings.guidance_scale
+    variants = [SampleItem(seed=0)]
+    for feature in feature_list:  # how many condition groups (classes, prompts) the plan cycles through
         variants = feature.variants(probe, loaded, variants)
     per_group = math.ceil(args.num_samples / len(variants))
-    plan = make_plan(parser.parse_args(base + ["--num-samples", str(per_group)]), loaded, features, settings)
+    plan = make_plan(parser.parse_args(base + ["--num-samples", str(per_group)]), loaded, feature_list, settings)
     items = interleave(plan.items, len(variants), args.num_samples)
     out = Path(args.sample_dir) if args.sample_dir else Path(args.out).with_name(Path(args.out).stem + "_samples")
     paths = [out / f"sample_{i:05d}.png" for i in range(len(items))]
@@ -142,8 +143,7 @@ def generate(args: argparse.Namespace, rest: list[str], device: torch.device) ->
     chunk = args.batch_size * 4
     for start in tqdm(range(0, len(todo), chunk), desc=f"sampling {len(todo)} images", leave=False):
         batch = todo[start:start + chunk]
-        images = run_plan(loaded, dataclasses.replace(plan, items=[items[i] for i in batch]), sampler, steps, scale,
-                          args.batch_size, progress=False)
+        images = run_plan(loaded, dataclasses.replace(plan, items=[items[i] for i in batch]), settings, bar=False)
         for i, image in zip(batch, images):
             save_png(image, paths[i], items[i].meta)
     info = {"source": "checkpoint", "checkpoint": str(loaded.path), "step": loaded.info.step, "sample_dir": str(out),

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .. import inpaint
+from ..checkpoints.load import LoadedModel, load_model
+from ..conditioning.inpaint import files
+from ..conditioning.inpaint.masks import MASK_TYPES, seeded_mask_grid
+from ..conditioning.inpaint.methods import METHODS, is_inpaint_model, run_inpainting
 from ..data import build_dataset
+from ..device import default_precision, pick_device
 from ..errors import UserError
-from ..device import pick_device
-from ..generate import LoadedModel, load_model
-from ..inpaint_masks import MASK_TYPES, seeded_mask_grid
-from ..schedule import SAMPLERS
+from ..sampling.plan import SamplerSettings
+from ..sampling.samplers import SAMPLERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +54,7 @@ def held_out(loaded: LoadedModel, args: argparse.Namespace) -> tuple[torch.Tenso
     """Images (N, 3, R, R) and each one's own condition (class label or caption), if it has one."""
     res = loaded.cfg.data.resolution
     if args.images:
-        images, _ = inpaint.load_image_folder(args.images, res, args.num_images)
+        images, _ = files.load_image_folder(args.images, res, args.num_images)
         return images, [{} for _ in images]
     data_cfg = loaded.cfg.data
     data_cfg.hflip = False
@@ -88,11 +90,11 @@ def run_name(checkpoint: Path) -> str:
 def methods_for(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in inpaint.METHODS]
+        unknown = [m for m in methods if m not in METHODS]
         if unknown:
-            raise UserError(f"unknown method(s) {unknown}: choose from {', '.join(inpaint.METHODS)}")
+            raise UserError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
         return methods
-    return list(inpaint.METHODS) if inpaint.is_inpaint_model(loaded.cfg) else ["replace", "repaint"]
+    return list(METHODS) if is_inpaint_model(loaded.cfg) else ["replace", "repaint"]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -118,10 +120,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         # Conditions only fit the model they were made for; base models of another kind get none.
         same_kind = loaded.cfg.model.condition == main.cfg.model.condition
         start = time.perf_counter()
-        results = inpaint.run_inpainting(
-            loaded, images, keeps, method, sampler=args.sampler, steps=steps, guidance_scale=args.guidance_scale,
-            conds=conds if same_kind else None, seed=args.seed, batch_size=args.batch_size,
-            jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
+        settings = SamplerSettings(args.sampler, steps, args.guidance_scale, args.batch_size,
+                                   default_precision(device))
+        results = run_inpainting(loaded, images, keeps, method, settings, conds=conds if same_kind else None,
+                                 seed=args.seed, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
         row = {"method": method, "checkpoint": str(loaded.path), **score(results, images, keeps, kinds),
                "seconds": time.perf_counter() - start}
         rows.append(row)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..config import CHOICES, DataConfig
 from ..data import build_dataset
 from ..errors import UserError
-from ..generate import to_uint8
+from ..sampling.images import to_uint8
 from .extractors import Extractor
 from .feature_stats import KID_MAX, FeatureStats, accumulate
 

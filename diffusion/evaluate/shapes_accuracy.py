@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.load import load_model
+from ..cli.sample import build_parser, check_args, features, make_plan, sampler_settings
 from ..data.shapes import CLASS_NAMES, class_attributes, detect_label
-from ..errors import UserError
 from ..device import pick_device
-from ..generate import load_model, run_plan
-from ..sample_cli import build_parser, check_args, load_features, make_plan
+from ..errors import UserError
+from ..sampling.plan import run_plan
 
 PASS_UNKNOWN = True
 SWEEPS = ("guidance_scale", "classifier_scale", "clip_scale")
@@ -53,8 +54,8 @@ def class_samples(args: argparse.Namespace, rest: list[str], settings: dict[str,
 
     Class `label` uses seeds `label * 100000 + i`, so every setting and method sees the same noise.
     """
-    features = load_features()
-    parser = build_parser(features)
+    feature_list = features()
+    parser = build_parser(feature_list)
     per_class = max(1, math.ceil(args.num_samples / len(CLASS_NAMES)))
     base = ["--checkpoint", args.checkpoint, "--num-samples", str(per_class), *rest]
     for key, value in settings.items():
@@ -68,11 +69,9 @@ def class_samples(args: argparse.Namespace, rest: list[str], settings: dict[str,
     for label in range(len(CLASS_NAMES)):
         sample_args = parser.parse_args(base + class_request(label, use_prompt) + ["--seed", str(label * 100_000)])
         check_args(sample_args)
-        sampler = sample_args.sampler or loaded.cfg.sample.sampler
-        steps = sample_args.steps or loaded.cfg.sample.steps
-        scale = settings.get("guidance_scale", loaded.cfg.sample.guidance_scale)
-        plan = make_plan(sample_args, loaded, features, {})
-        out.append(run_plan(loaded, plan, sampler, steps, scale, sample_args.batch_size, progress=False))
+        sampling = sampler_settings(sample_args, loaded)
+        plan = make_plan(sample_args, loaded, feature_list, sampling)
+        out.append(run_plan(loaded, plan, sampling, bar=False))
     return torch.cat(out)
 
 

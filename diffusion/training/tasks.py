@@ -9,12 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Protocol
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from ..checkpoints.store import named_weights
+from ..conditioning.inpaint.methods import training_channels
 from ..config import Config
-from ..models import Denoiser, build_denoiser
-from ..schedule import build_train_scheduler, training_target
+from ..evaluate import classifier as classifier_eval
+from ..evaluate import clip as clip_eval
+from ..evaluate.buckets import write_bucket_report
+from ..models import Denoiser, NoisyClassifier, NoisyCLIP, build_model
+from ..sampling.plan import preview_grid
+from ..sampling.schedule import build_train_scheduler, training_target
 
 
 class Task(Protocol):
@@ -39,17 +48,13 @@ class DenoiserTask:
         self.scheduler = build_train_scheduler(cfg.diffusion)
 
     def build_model(self) -> Denoiser:
-        model = build_denoiser(self.cfg.model, self.cfg.data.resolution, self.cfg.model.num_classes)
-        model.preview_prompts = list(self.cfg.sample.prompts)
-        return model
+        return build_model(self.cfg)
 
     def condition(self, core: Denoiser, batch: dict, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         cond = core.condition_from_batch(batch)
         drop = torch.rand(x0.shape[0], device=x0.device) < self.cfg.model.cond_drop_prob
         cond = core.drop_condition(cond, drop)
-        if core.extra_channels:
-            from ..inpaint import training_channels  # in-painting: masked image + keep-mask
-
+        if core.extra_channels:  # in-painting: masked image + keep-mask
             cond["channels"] = training_channels(x0, self.cfg)
         return cond
 
@@ -65,9 +70,7 @@ class DenoiserTask:
         return loss, {}
 
     def preview(self, core, step, run_dir):
-        from ..generate import preview_grid
-
-        preview_grid(core, self.cfg, self.scheduler, run_dir / "samples" / f"step-{step:06d}.png")
+        preview_grid(core, self.cfg, run_dir / "samples" / f"step-{step:06d}.png")
 
     def export(self, core, out_dir):
         """Plain-diffusers export: `UNet2DModel.from_pretrained(out_dir / "unet")`.
@@ -81,16 +84,93 @@ class DenoiserTask:
             core.text_encoder.save_pretrained(out_dir / "text_encoder")
 
 
-TASKS: dict[str, Callable[[Config], Task]] = {"denoiser": DenoiserTask}
+class ClassifierTask:
+    """Cross-entropy on x_t = q_sample(x_0, t), t uniform over the denoiser's schedule."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.scheduler = build_train_scheduler(cfg.diffusion)
+
+    def build_model(self) -> NoisyClassifier:
+        return build_model(self.cfg)
+
+    def loss(self, model, core, batch):
+        x0, labels = batch["image"], batch["label"]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        if self.cfg.train.channels_last and x0.is_cuda:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        logits = model(x_t, t).float()
+        loss = F.cross_entropy(logits, labels)
+        return loss, {"accuracy": (logits.argmax(dim=-1) == labels).float().mean().detach()}
+
+    def report(self, core: NoisyClassifier, out_dir: Path, name: str, title: str) -> list[dict]:
+        rows = classifier_eval.held_out_accuracy(core, self.cfg, classifier_eval.PREVIEW_SAMPLES)
+        write_bucket_report(rows, out_dir, name, title, chance=1 / self.cfg.model.num_classes)
+        return rows
+
+    def preview(self, core, step, run_dir):
+        """Held-out accuracy per timestep bucket: RUN/diagnostics/classifier_accuracy-step-N.{csv,png}."""
+        rows = self.report(core, run_dir / "diagnostics", f"{classifier_eval.REPORT_NAME}-step-{step:06d}",
+                           f"noisy classifier, step {step}")
+        tqdm.write(f"step {step}: {classifier_eval.summary_line(rows)}")
+
+    def export(self, core, out_dir):
+        """`classifier.safetensors` (load with NoisyClassifier + config.yaml) and the final accuracy report."""
+        save_file(named_weights(core), str(out_dir / "classifier.safetensors"))
+        self.report(core, out_dir, classifier_eval.REPORT_NAME, "noisy classifier, final")
 
 
-def register_task(name: str, factory: Callable[[Config], Task]) -> None:
-    TASKS[name] = factory
+def drop_words(captions: list[str], prob: float) -> list[str]:
+    """Caption augmentation (train.caption_word_drop): each word but the first dropped with probability
+    `prob`, so long captions (CelebA's attribute lists) also teach their partial descriptions."""
+    if prob <= 0:
+        return list(captions)
+    out = []
+    for caption in captions:
+        words = caption.split()
+        keep = torch.rand(len(words)) >= prob
+        keep[0] = True
+        out.append(" ".join(w for w, k in zip(words, keep.tolist()) if k))
+    return out
+
+
+class ClipTask:
+    """Contrastive training of NoisyCLIP on (x_t, caption) pairs with t uniform over the schedule.
+
+    In-batch negatives are per device (ClipLoss without feature gathering). Captions that repeat
+    inside a batch count as negatives of each other, as in open_clip's own training: on a dataset
+    of few distinct captions this only raises the loss's floor.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.scheduler = build_train_scheduler(cfg.diffusion)
+        self.loss_fn = open_clip.ClipLoss()
+
+    def build_model(self) -> NoisyCLIP:
+        return build_model(self.cfg)
+
+    def loss(self, model, core, batch):
+        x0 = batch["image"]
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        x_t = self.scheduler.add_noise(x0, torch.randn_like(x0), t)
+        captions = drop_words(batch["caption"], self.cfg.train.caption_word_drop)
+        image, text, scale = model(x_t, t, core.tokenize(captions))
+        return self.loss_fn(image.float(), text.float(), scale.float()), {}
+
+    def preview(self, core, step, run_dir):
+        rows, chance = clip_eval.retrieval_buckets(core, self.cfg)
+        clip_eval.write_report(rows, chance, Path(run_dir) / clip_eval.DIAGNOSTICS_DIR,
+                               f"{clip_eval.REPORT_NAME}_step-{step:06d}")
+
+    def export(self, core, out_dir):
+        """Nothing beyond the checkpoint: the towers are not usable without the timestep embedding."""
+
+
+TASKS: dict[str, Callable[[Config], Task]] = {"denoiser": DenoiserTask, "classifier": ClassifierTask, "clip": ClipTask}
 
 
 def build_task(cfg: Config) -> Task:
-    if cfg.task not in TASKS:
-        import importlib
-
-        importlib.import_module(f"..{cfg.task}", __package__)  # tasks register themselves on import
     return TASKS[cfg.task](cfg)

@@ -15,11 +15,12 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..checkpoints import store as ckpt
+from ..checkpoints.init_from import initialise_from
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
 from ..errors import UserError
-from . import checkpoint as ckpt
 from .logger import MetricLogger
 from .tasks import Task, build_task
 
@@ -88,8 +89,6 @@ class Trainer:
         self.task: Task = build_task(cfg)
         model = self.task.build_model()
         if cfg.init_from and self.resume_from is None:
-            from ..init_from import initialise_from
-
             initialise_from(model, cfg.init_from, cfg)
         if self.accelerator.device.type == "cuda" and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic directories holding accelerate state, EMA weights and the resolved config.
+"""Checkpoint files: atomic directories holding accelerate state, EMA weights and the resolved config.
 
 Layout of `RUN/checkpoints/step-000100/`:
   accelerate/          accelerator.save_state: model, optimizer, RNG states, EMA (registered)

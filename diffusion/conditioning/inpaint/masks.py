@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .config import InpaintConfig
-from .errors import UserError
+from ...config import InpaintConfig
+from ...errors import UserError
 
 MASK_TYPES = ("box", "strokes", "half", "border")
 MaskFn = Callable[[int, int, InpaintConfig, "torch.Generator | None"], torch.Tensor]

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .. import inpaint
+from ..checkpoints.load import LoadedModel
+from ..conditioning.inpaint import files, methods
 from ..errors import UserError
-from ..generate import LoadedModel, SamplingPlan, save_png
+from ..sampling.images import save_png
+from ..sampling.plan import KnownPixels, SampleItem, SamplingPlan
 
 
 class InpaintFeature:
@@ -25,7 +27,7 @@ class InpaintFeature:
         group.add_argument("--image", default=None, help="image to in-paint (resized and centre-cropped to the model)")
         group.add_argument("--mask", default=None, help="mask file: white = region to generate, black = keep")
         group.add_argument("--invert-mask", action="store_true", help="the mask file marks what to keep in white")
-        group.add_argument("--inpaint-method", choices=inpaint.METHODS, default=None,
+        group.add_argument("--inpaint-method", choices=methods.METHODS, default=None,
                            help="channels (in-painting checkpoints, their default), replace (default otherwise) "
                                 "or repaint (replace plus RePaint's resampling jumps)")
         group.add_argument("--jump-length", type=int, default=5, help="repaint: steps per jump back in time")
@@ -33,48 +35,48 @@ class InpaintFeature:
                            help="repaint: times each stretch is denoised (1 = no jumps, plain replace)")
 
     def method(self, args: argparse.Namespace, loaded: LoadedModel) -> str:
-        method = args.inpaint_method or inpaint.default_method(loaded.cfg)
-        inpaint.check_method(method, loaded.cfg, args.sampler or loaded.cfg.sample.sampler)
+        method = args.inpaint_method or methods.default_method(loaded.cfg)
+        methods.check_method(method, loaded.cfg, args.sampler or loaded.cfg.sample.sampler)
         return method
 
     def variants(self, args, loaded, variants):
         if args.image is None:
             if args.mask is not None or args.inpaint_method is not None or args.invert_mask:
                 raise UserError("--mask, --invert-mask and --inpaint-method need --image IMAGE")
-            if not inpaint.is_inpaint_model(loaded.cfg):
+            if not methods.is_inpaint_model(loaded.cfg):
                 return variants
-            blank = {"channels": inpaint.unknown_channels(1, loaded.cfg.data.resolution)}
-            return [({**cond, **blank}, {**meta, "inpaint": "all unknown"}, extra) for cond, meta, extra in variants]
+            blank = {"channels": methods.unknown_channels(1, loaded.cfg.data.resolution)}
+            return [item.but(cond={**item.cond, **blank}, meta={**item.meta, "inpaint": "all unknown"})
+                    for item in variants]
         if args.mask is None:
             raise UserError("--image needs --mask MASK (white = region to generate, black = keep)")
         method = self.method(args, loaded)
         res = loaded.cfg.data.resolution
-        image = inpaint.load_image(args.image, res)
-        keep = inpaint.load_mask(args.mask, res, args.invert_mask)
-        inpaint.warn_coverage(keep)
-        added = inpaint.inpaint_condition(loaded.cfg, image, keep, method)
+        image = files.load_image(args.image, res)
+        keep = files.load_mask(args.mask, res, args.invert_mask)
+        files.warn_coverage(keep)
+        added = methods.inpaint_condition(loaded.cfg, image, keep, method)
         info = {"image": str(args.image), "mask": str(args.mask), "invert_mask": str(args.invert_mask),
                 "inpaint_method": method}
         if method == "repaint":
             info.update(jump_length=str(args.jump_length), jump_n_sample=str(args.jump_n_sample))
-        return [({**cond, **added}, {**meta, **info}, {**extra, **inpaint.inpaint_extra(image, keep)})
-                for cond, meta, extra in variants]
+        known = KnownPixels(image, keep)
+        return [item.but(cond={**item.cond, **added}, meta={**item.meta, **info}, known=known) for item in variants]
 
     def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
         if args.image is None:
             return
-        inpaint.add_to_plan(plan, self.method(args, loaded), args.jump_length, args.jump_n_sample)
+        methods.add_to_plan(plan, self.method(args, loaded), args.jump_length, args.jump_n_sample)
         position = {id(item): index for index, item in enumerate(plan.items)}
         out = Path(args.out)
 
-        def write_strips(images: torch.Tensor, items: list) -> torch.Tensor:
+        def write_strips(images: torch.Tensor, items: list[SampleItem]) -> torch.Tensor:
             """input | mask overlay | result for each sample, beside sample_NNNN.png."""
             for image, item in zip(images, items):
-                picture = inpaint.strip(item.extra["inpaint_image"], item.extra["inpaint_keep"], image)
-                save_png(inpaint.upscale(picture), out / f"strip_{position[id(item)]:04d}.png", item.meta)
+                picture = files.strip(item.known.image, item.known.keep, image)
+                save_png(files.upscale(picture), out / f"strip_{position[id(item)]:04d}.png", item.meta)
             return images
 
         plan.finishers.append(write_strips)
 
 
-FEATURE = InpaintFeature()

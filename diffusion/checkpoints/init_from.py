@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .errors import UserError
-from .training import checkpoint as ckpt
+from ..config import Config
+from ..errors import UserError
+from . import store as ckpt
 
 INPUT_CONV = "unet.conv_in.weight"
 # Settings the base and the new run must share for "step 0 = the base model" to hold; the weights'

@@ -1,31 +1,34 @@
 """The sample.py command line.
 
-Core options pick the checkpoint, sampler, seeds and guidance scale. Each feature module
-(class labels here; prompts, classifier and CLIP guidance, in-painting elsewhere) contributes
-its own options and adds to the sampling plan, so this file does not grow per feature.
+Core options pick the checkpoint, sampler, seeds, guidance scale and precision. Each feature
+(class labels here; prompts, classifier and CLIP guidance, in-painting in this package) adds its own
+options, turns the sample templates into more specific ones, then adds guidance terms, hooks or
+finishers to the plan. `FEATURES` lists them in the order they run: a later feature sees what an
+earlier one chose (classifier guidance keeps a class-conditional model's label; CLIP guidance needs
+the prompts read before it).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from .errors import UserError, exit_on_user_error
-from .device import pick_device
-from .generate import LoadedModel, SampleItem, SamplingPlan, load_model, run_plan, save_grid, save_png
-from .schedule import SAMPLERS
-
-Variant = tuple[dict[str, torch.Tensor], dict[str, str], dict]  # (cond, meta, extra) shared by a group of samples
+from ..checkpoints.load import LoadedModel, load_model
+from ..device import PRECISIONS, default_precision, pick_device, prepare_for_sampling
+from ..errors import UserError, exit_on_user_error
+from ..sampling.images import save_grid, save_png
+from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
+from ..sampling.samplers import SAMPLERS
+from . import classifier, clip, inpaint, prompts
 
 
 class Feature(Protocol):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
-    def variants(self, args: argparse.Namespace, loaded: LoadedModel, variants: list[Variant]) -> list[Variant]:
-        """Refine or multiply the condition variants (one group of --num-samples images each)."""
+    def variants(self, args: argparse.Namespace, loaded: LoadedModel, variants: list[SampleItem]) -> list[SampleItem]:
+        """Refine or multiply the sample templates (one group of --num-samples images each)."""
         ...
 
     def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
@@ -50,36 +53,24 @@ class ClassLabel:
         labels = [args.class_label] if args.class_label is not None else list(range(n))
         names = loaded.info.class_names
         out = []
-        for cond, meta, extra in variants:
+        for item in variants:
             for label in labels:
                 name = names[label] if label < len(names) else str(label)
-                out.append(({**cond, "labels": torch.tensor([label])}, {**meta, "label": str(label), "class_name": name},
-                            {**extra, "label": label}))
+                out.append(item.but(cond={**item.cond, "labels": torch.tensor([label])}, label=label,
+                                    meta={**item.meta, "label": str(label), "class_name": name}))
         return out
 
     def extend(self, args, loaded, plan):
         pass
 
 
-FEATURE_MODULES = ["diffusion.features.text", "diffusion.features.classifier", "diffusion.features.clip",
-                   "diffusion.features.inpaint"]
+def features() -> list[Feature]:
+    """Every sample.py feature, in the order they run (see the module docstring)."""
+    return [ClassLabel(), prompts.TextPromptFeature(), classifier.ClassifierGuidanceFeature(), clip.ClipGuidance(),
+            inpaint.InpaintFeature()]
 
 
-def load_features() -> list[Feature]:
-    """The class-label feature plus every feature module that exists (each exposes FEATURE)."""
-    features: list[Feature] = [ClassLabel()]
-    for name in FEATURE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        features.append(module.FEATURE)
-    return features
-
-
-def build_parser(features: list[Feature]) -> argparse.ArgumentParser:
+def build_parser(feature_list: list[Feature]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sample.py", description="Sample images from a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint, EMA weights) or one checkpoint")
     parser.add_argument("--guidance-scale", type=float, default=None,
@@ -91,7 +82,10 @@ def build_parser(features: list[Feature]) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed+i, so each image can be regenerated alone")
     parser.add_argument("--out", default="samples", help="output directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    for feature in features:
+    parser.add_argument("--dtype", choices=PRECISIONS, default=None,
+                        help="the denoiser's precision: bf16 autocast (default on GPUs) or fp32 (default on CPU); "
+                             "guidance gradients are always fp32")
+    for feature in feature_list:
         feature.add_arguments(parser)
     return parser
 
@@ -105,36 +99,49 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--num-samples and --batch-size must be positive")
 
 
-def make_plan(args: argparse.Namespace, loaded: LoadedModel, features: list[Feature], settings: dict[str, str]) -> SamplingPlan:
-    variants: list[Variant] = [({}, {}, {})]
-    for feature in features:
+def sampler_settings(args: argparse.Namespace, loaded: LoadedModel) -> SamplerSettings:
+    """The command line's sampler, steps, scale, batch size and precision, defaulting to the run's config."""
+    sampler = args.sampler or loaded.cfg.sample.sampler
+    steps = args.steps or (1000 if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
+    scale = loaded.cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    precision = args.dtype or default_precision(loaded.device)
+    return SamplerSettings(sampler, steps, scale, args.batch_size, precision)
+
+
+def make_plan(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[Feature],
+              settings: SamplerSettings) -> SamplingPlan:
+    variants = [SampleItem(seed=0)]
+    for feature in feature_list:
         variants = feature.variants(args, loaded, variants)
+    meta = {**settings.meta(), "checkpoint": str(loaded.path)}
     items = []
-    for cond, meta, extra in variants:
+    for template in variants:
         for _ in range(args.num_samples):
             seed = args.seed + len(items)
-            items.append(SampleItem(seed=seed, cond=dict(cond), meta={**settings, **meta, "seed": str(seed)}, extra=dict(extra)))
+            items.append(template.but(seed=seed, meta={**meta, **template.meta, "seed": str(seed)}))
     plan = SamplingPlan(items)
-    for feature in features:
+    for feature in feature_list:
         feature.extend(args, loaded, plan)
     return plan
 
 
+def load_denoiser(path: str, device: torch.device) -> LoadedModel:
+    loaded = load_model(path, device)
+    if loaded.cfg.task != "denoiser":
+        raise UserError(f"{path} is a {loaded.cfg.task} checkpoint; --checkpoint needs a denoiser")
+    prepare_for_sampling(loaded.model, device)
+    return loaded
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
-    features = load_features()
-    args = build_parser(features).parse_args(argv)
+    feature_list = features()
+    args = build_parser(feature_list).parse_args(argv)
     check_args(args)
-    device = pick_device(args.device)
-    loaded = load_model(args.checkpoint, device)
-    if getattr(loaded.cfg, "task", "denoiser") != "denoiser":
-        raise UserError(f"{args.checkpoint} is a {loaded.cfg.task} checkpoint; --checkpoint needs a denoiser")
-    sampler = args.sampler or loaded.cfg.sample.sampler
-    steps = args.steps or (1000 if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
-    scale = loaded.cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    settings = {"sampler": sampler, "steps": str(steps), "guidance_scale": str(scale), "checkpoint": str(loaded.path)}
-    plan = make_plan(args, loaded, features, settings)
-    images = run_plan(loaded, plan, sampler, steps, scale, args.batch_size)
+    loaded = load_denoiser(args.checkpoint, pick_device(args.device))
+    settings = sampler_settings(args, loaded)
+    plan = make_plan(args, loaded, feature_list, settings)
+    images = run_plan(loaded, plan, settings)
     out = Path(args.out)
     for index, (image, item) in enumerate(zip(images, plan.items)):
         save_png(image, out / f"sample_{index:04d}.png", item.meta)

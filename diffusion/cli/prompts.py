@@ -3,10 +3,10 @@
 `--prompt TEXT` (repeatable) or `--prompts-file FILE` gives one group of --num-samples images per
 prompt; `--prompt ""` is the empty caption, i.e. unconditional. `--negative-prompt` replaces the
 empty caption in CFG's unconditional branch. For models that are not caption-conditioned the
-prompt is only recorded (extra["prompt"], meta["prompt"]) for CLIP guidance (`--clip`).
+prompt is only recorded (item.prompt, meta["prompt"]) for CLIP guidance (`--clip`).
 
 `--guidance-rescale`, `--dynamic-threshold` and `--guidance-interval` refine classifier-free
-guidance for any conditional model and any sampler (formulas in diffusion/guidance.py).
+guidance for any conditional model and any sampler (formulas in diffusion/sampling/guidance.py).
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..checkpoints.load import LoadedModel
 from ..errors import UserError
-from ..generate import LoadedModel, SamplingPlan
 from ..models.text import token_count
+from ..sampling.guidance import CFGOptions
+from ..sampling.plan import SamplingPlan
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -45,23 +47,23 @@ def is_text_model(loaded: LoadedModel) -> bool:
     return getattr(loaded.model, "condition", "none") == "text"
 
 
-def cfg_options(args: argparse.Namespace, num_train_timesteps: int) -> dict:
-    """Check the CFG refinement flags and turn them into SamplingPlan.cfg_options."""
-    options: dict = {}
+def cfg_options(args: argparse.Namespace, num_train_timesteps: int) -> CFGOptions:
+    """Check the CFG refinement flags and turn them into the plan's CFGOptions."""
+    options = CFGOptions()
     if args.guidance_rescale is not None:
         if not 0.0 <= args.guidance_rescale <= 1.0:
             raise UserError(f"--guidance-rescale is a blend weight in [0, 1] (0.7 is typical), got {args.guidance_rescale}")
-        options["rescale"] = args.guidance_rescale
+        options.rescale = args.guidance_rescale
     if args.dynamic_threshold is not None:
         if not 50.0 <= args.dynamic_threshold <= 100.0:
             raise UserError(f"--dynamic-threshold is a percentile in [50, 100] (Imagen uses 99.5), got {args.dynamic_threshold}")
-        options["dynamic_threshold"] = args.dynamic_threshold
+        options.threshold = args.dynamic_threshold
     if args.guidance_interval is not None:
         lo, hi = args.guidance_interval
         if not 0 <= lo <= hi < num_train_timesteps:
             raise UserError(f"--guidance-interval LO HI needs 0 <= LO <= HI < {num_train_timesteps} (training "
                             f"timesteps), got {lo:g} {hi:g}")
-        options["interval"] = (lo, hi)
+        options.interval = (lo, hi)
     return options
 
 
@@ -101,15 +103,20 @@ class TextPromptFeature:
             if text_model:
                 warn_if_cut(prompt, model.context_length)
                 tokens = model.tokenize(prompt)
-            for cond, meta, extra in variants:
-                new_cond = {**cond, "tokens": tokens} if tokens is not None else dict(cond)
-                out.append((new_cond, {**meta, "prompt": prompt}, {**extra, "prompt": prompt}))
+            for item in variants:
+                cond = {**item.cond, "tokens": tokens} if tokens is not None else item.cond
+                out.append(item.but(cond=cond, meta={**item.meta, "prompt": prompt}, prompt=prompt))
         return out
 
     def extend(self, args, loaded, plan: SamplingPlan) -> None:
-        options = cfg_options(args, loaded.scheduler.config.num_train_timesteps)
-        plan.cfg_options.update(options)
-        settings = {f"guidance_{k}" if k != "dynamic_threshold" else k: str(v) for k, v in options.items()}
+        plan.cfg = cfg_options(args, loaded.schedule.num_train_timesteps)
+        settings = {}
+        if plan.cfg.rescale:
+            settings["guidance_rescale"] = str(plan.cfg.rescale)
+        if plan.cfg.threshold is not None:
+            settings["dynamic_threshold"] = str(plan.cfg.threshold)
+        if plan.cfg.interval is not None:
+            settings["guidance_interval"] = str(plan.cfg.interval)
         if args.negative_prompt is not None:
             model = loaded.model
             warn_if_cut(args.negative_prompt, model.context_length)
@@ -121,4 +128,3 @@ class TextPromptFeature:
             item.meta.update(settings)
 
 
-FEATURE = TextPromptFeature()

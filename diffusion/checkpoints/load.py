@@ -1,0 +1,41 @@
+"""Load any task's model from a checkpoint or run directory, with its EMA weights, to sample or evaluate."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import UserError
+from ..models import build_model
+from ..sampling.schedule import NoiseSchedule
+from . import store
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    info: store.TrainState
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """The model of a checkpoint (or a run's newest one) in eval mode on `device`, weights checked
+    against the config they were saved with."""
+    directory = store.resolve_checkpoint(path)
+    cfg = store.read_config(directory)
+    model = build_model(cfg)
+    weights = store.read_weights(directory)
+    problem = store.describe_mismatch(model.state_dict(), weights)
+    if problem:
+        raise UserError(f"{directory / store.EMA_FILE} does not fit the model its {store.CONFIG_FILE} describes: {problem}")
+    model.load_state_dict(weights)
+    model.eval().requires_grad_(False).to(device)
+    return LoadedModel(cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(device), store.read_info(directory), directory)

@@ -1,0 +1,1 @@
+"""Command lines: `sample.py` (`cli.sample`) and the sample.py features it is built from."""

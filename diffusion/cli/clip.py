@@ -1,0 +1,98 @@
+"""CLIP guidance for sample.py (GLIDE): steer samples toward --prompt with a CLIP's gradient.
+
+  --clip RUN              a noise-aware CLIP trained here (task: clip): gradient of f(x_t, t) . g(c) w.r.t. x_t
+  --clip open_clip:ARCH   a clean open_clip model with --clip-weights FILE (or a pretrained tag, online):
+                          it scores the predicted x0 clamped to [-1, 1] (see diffusion.conditioning.clip)
+
+Both enter as a guidance term on epsilon (every sampler), or as the DDPM mean shift with
+--guidance-form mean (an option of the classifier feature). They work on unconditional and
+caption-conditioned denoisers, on top of classifier-free guidance.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..checkpoints.load import LoadedModel, load_model
+from ..conditioning.classifier import check_form
+from ..conditioning.clip import CleanGuide, NoiseAwareGuide, load_open_clip
+from ..errors import UserError
+from ..sampling.guidance import GuidanceTerm
+from ..sampling.plan import SampleItem, SamplingPlan
+
+PRETRAINED_PREFIX = "open_clip:"
+DEFAULT_SCALE = 10.0  # the best measured on shapes (noise-aware CLIP, DDPM mean form); sweep it per model
+
+
+def load_guide(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> NoiseAwareGuide | CleanGuide:
+    spec = args.clip
+    if spec.startswith(PRETRAINED_PREFIX):
+        model, tokenizer = load_open_clip(spec[len(PRETRAINED_PREFIX):], args.clip_weights, device)
+        return CleanGuide(model, tokenizer, args.clip_cutouts)
+    if args.clip_weights:
+        raise UserError("--clip-weights goes with --clip open_clip:ARCH; a CLIP run directory holds its own weights")
+    if args.clip_cutouts:
+        raise UserError("--clip-cutouts is for clean open_clip models; a noise-aware CLIP sees the whole x_t")
+    clip = load_model(spec, device)
+    if clip.cfg.task != "clip":
+        raise UserError(f"--clip {spec} is a {clip.cfg.task} checkpoint; give a CLIP run (task: clip) or open_clip:ARCH")
+    res, clip_res = loaded.cfg.data.resolution, clip.cfg.data.resolution
+    if res != clip_res:
+        raise UserError(f"--clip {spec} was trained at {clip_res}x{clip_res} but the denoiser makes {res}x{res} images: "
+                        f"retrain it with data.resolution={res}")
+    return NoiseAwareGuide(clip, loaded.schedule.table[:-1])
+
+
+class ClipGuidance:
+    def __init__(self):
+        self._guides: dict[tuple, NoiseAwareGuide | CleanGuide] = {}  # evaluators build many plans per run
+
+    def guide(self, args: argparse.Namespace, loaded: LoadedModel) -> NoiseAwareGuide | CleanGuide:
+        device = loaded.device
+        schedule = loaded.cfg.diffusion
+        key = (args.clip, args.clip_weights, args.clip_cutouts, str(device), loaded.cfg.data.resolution,
+               schedule.num_train_timesteps, schedule.beta_schedule)
+        if key not in self._guides:
+            self._guides[key] = load_guide(args, loaded, device)
+        return self._guides[key]
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("CLIP guidance (with --prompt)")
+        group.add_argument("--clip", default=None, metavar="C",
+                           help="noise-aware CLIP run (task: clip), or open_clip:ARCH for a pretrained open_clip model")
+        group.add_argument("--clip-scale", type=float, default=None,
+                           help=f"CLIP guidance scale s: 0 = unguided (default {DEFAULT_SCALE:g})")
+        group.add_argument("--clip-weights", default=None, metavar="FILE",
+                           help="weights for --clip open_clip:ARCH: a local file, or a pretrained tag (downloads)")
+        group.add_argument("--clip-cutouts", type=int, default=0,
+                           help="random crops per image scored by a clean open_clip model (0 = the whole image)")
+
+    def variants(self, args, loaded, variants):
+        return variants
+
+    def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
+        if args.clip is None:
+            if args.clip_scale is not None or args.clip_weights or args.clip_cutouts:
+                raise UserError("--clip-scale, --clip-weights and --clip-cutouts need --clip C")
+            return
+        scale = DEFAULT_SCALE if args.clip_scale is None else args.clip_scale
+        if scale < 0 or args.clip_cutouts < 0:
+            raise UserError("--clip-scale and --clip-cutouts must be >= 0 (scale 0 = unguided)")
+        if any(not item.prompt for item in plan.items):
+            raise UserError("--clip needs --prompt TEXT: the text that CLIP guidance steers toward")
+        form = getattr(args, "guidance_form", "eps")
+        check_form(form, args.sampler or loaded.cfg.sample.sampler)
+        guide = self.guide(args, loaded)
+        prompts = sorted({item.prompt for item in plan.items})
+        features = dict(zip(prompts, guide.encode_prompts(prompts)))
+
+        def make_term(items: list[SampleItem]) -> GuidanceTerm:
+            text = torch.stack([features[item.prompt] for item in items])
+            return guide.term(text, scale, form, [item.seed for item in items])
+
+        plan.terms.append(make_term)
+        for item in plan.items:
+            item.meta.update({"clip": args.clip, "clip_scale": f"{scale:g}", "guidance_form": form})
+
+

@@ -1,0 +1,70 @@
+"""Classifier guidance (Dhariwal & Nichol 2021) with a noise-aware classifier trained on x_t.
+
+The gradient of log p(y | x_t, t) enters through the noise prediction after x0 is clipped
+(`sampling.guidance.shift_eps`): eps - s * sqrt(1 - ab) * g for every sampler, or the DDPM
+posterior-mean shift mu + s * Sigma * g with form "mean". The classifier reads the very x_t and t
+the denoiser reads at that step.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..checkpoints.load import LoadedModel
+from ..errors import UserError
+from ..sampling.guidance import GuidanceTerm, gradient_term
+from ..sampling.plan import SampleItem
+
+FORMS = ("eps", "mean")
+
+
+def check_form(form: str, sampler: str) -> None:
+    """The mean form is DDPM's posterior-mean shift; other samplers take the eps form."""
+    if form not in FORMS:
+        raise UserError(f"unknown guidance form '{form}': choose one of {', '.join(FORMS)}")
+    if form == "mean" and sampler != "ddpm":
+        raise UserError(f"--guidance-form mean is the DDPM posterior-mean shift: use --sampler ddpm, "
+                        f"or --guidance-form eps with {sampler}")
+
+
+def check_compatible(denoiser: LoadedModel, classifier: LoadedModel, where: str) -> None:
+    """Refuse a classifier trained for another schedule, resolution or set of classes."""
+    if classifier.cfg.task != "classifier":
+        raise UserError(f"--classifier {where} is a {classifier.cfg.task} checkpoint; train one with task: classifier")
+    for key in ("num_train_timesteps", "beta_schedule"):
+        mine, theirs = getattr(denoiser.cfg.diffusion, key), getattr(classifier.cfg.diffusion, key)
+        if mine != theirs:
+            raise UserError(
+                f"--classifier {where} was trained for diffusion.{key}={theirs} but the denoiser uses {mine}: "
+                f"retrain the classifier with diffusion.{key}={mine}"
+            )
+    res, clf_res = denoiser.cfg.data.resolution, classifier.cfg.data.resolution
+    if res != clf_res:
+        raise UserError(f"--classifier {where} was trained at {clf_res}x{clf_res} but the denoiser makes "
+                        f"{res}x{res} images: retrain it with data.resolution={res}")
+    model = denoiser.model
+    if getattr(model, "condition", "none") == "class" and model.num_classes != classifier.cfg.model.num_classes:
+        raise UserError(f"--classifier {where} has {classifier.cfg.model.num_classes} classes but the denoiser has "
+                        f"{model.num_classes}: --class-label must mean the same class to both")
+
+
+def class_name(classifier: LoadedModel, label: int) -> str:
+    names = classifier.info.class_names
+    return names[label] if label < len(names) else str(label)
+
+
+def classifier_terms(model: torch.nn.Module, scale: float, form: str = "eps"):
+    """A plan term factory: for a batch of items, the gradient term toward each item's `label`."""
+
+    def make(items: Sequence[SampleItem]) -> GuidanceTerm:
+        if any(item.label is None for item in items):
+            raise ValueError("classifier guidance needs a target label on every item")
+        labels = torch.tensor([item.label for item in items], dtype=torch.long)
+
+        def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model.log_prob(x, t, labels.to(x.device))
+
+        return gradient_term(log_prob, scale, form)
+
+    return make

@@ -1,1 +1,0 @@
-"""Sampling features that plug into sample.py: prompts, classifier and CLIP guidance, in-painting."""

@@ -1,0 +1,187 @@
+"""Guidance: small functions of the model output, applied the same way by every sampler.
+
+At every step the loop (`loop.py`) runs, in this order:
+  1. the model function: eps at (x_t, t); classifier-free guidance lives here (two forward passes);
+  2. x0 processing: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) is clipped to [-1, 1] or dynamically
+     thresholded, and eps is re-derived from it (as guided-diffusion and GLIDE do);
+  3. guidance terms `term(eps, info) -> eps` in order: gradient guidance (classifier, CLIP);
+  4. the sampler's update, which never clips again, so a gradient term's shift is kept whole.
+
+Guidance-scale convention: 0 = unconditional, 1 = plain conditional, above 1 = guided,
+eps = eps_u + s * (eps_c - eps_u).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .samplers import Step
+from .schedule import NoiseSchedule, epsilon_to_x0, to_epsilon, x0_to_epsilon
+
+
+@dataclass
+class StepInfo:
+    """What the model function, guidance terms and post-step hooks see at one step."""
+
+    x: torch.Tensor  # x_t, (B, C, H, W)
+    t: torch.Tensor  # (B,) integer timesteps, the ones the denoiser sees
+    step: Step  # the same t as a Python int, and t_next (-1 = clean)
+    alpha_bar: torch.Tensor  # (B, 1, 1, 1) at t
+    alpha_bar_next: torch.Tensor  # (B, 1, 1, 1) at t_next (1 for the clean image)
+    schedule: NoiseSchedule
+    generators: list[torch.Generator] = field(default_factory=list)
+
+
+class GuidanceTerm(Protocol):
+    def __call__(self, eps: torch.Tensor, info: StepInfo) -> torch.Tensor: ...
+
+
+ModelFn = Callable[[torch.Tensor, StepInfo], torch.Tensor]  # (x_t, info) -> eps
+X0Processor = Callable[[torch.Tensor], torch.Tensor]  # predicted x0 -> x0
+
+
+def clip_x0(x0: torch.Tensor) -> torch.Tensor:
+    """Static thresholding: the data lies in [-1, 1], so its prediction should too."""
+    return x0.clamp(-1, 1)
+
+
+def dynamic_threshold(percentile: float) -> X0Processor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022): s = max(1, p-th percentile of |x0|) per
+    sample; x0 <- clip(x0, -s, s) / s. Pixels pushed past [-1, 1] (strong CFG) are pulled back in
+    rather than clipped flat."""
+    q = percentile / 100.0
+
+    def process(x0: torch.Tensor) -> torch.Tensor:
+        s = torch.quantile(x0.abs().flatten(1).float(), q, dim=1).clamp(min=1.0).view(-1, *[1] * (x0.ndim - 1))
+        return torch.maximum(torch.minimum(x0, s), -s) / s
+
+    return process
+
+
+def process_x0(eps: torch.Tensor, info: StepInfo, processor: X0Processor | None) -> torch.Tensor:
+    """eps re-derived from the processed x0 (unchanged when there is no processor)."""
+    if processor is None:
+        return eps
+    x0 = processor(epsilon_to_x0(eps, info.x, info.alpha_bar))
+    return x0_to_epsilon(x0, info.x, info.alpha_bar)
+
+
+def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def rescale_guidance(x0_cfg: torch.Tensor, x0_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed", eq. 15-16).
+
+    x_rescaled = x_cfg * std(x_cond) / std(x_cfg), per sample over (C, H, W);
+    x_final = phi * x_rescaled + (1 - phi) * x_cfg.
+    Applied, as in the paper, to the predicted x0 (diffusers' `rescale_noise_cfg` applies it to eps),
+    so a strongly guided prediction keeps the conditional one's spread instead of over-saturating.
+    """
+    dims = tuple(range(1, x0_cfg.ndim))
+    rescaled = x0_cfg * (x0_cond.std(dim=dims, keepdim=True) / x0_cfg.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * x0_cfg
+
+
+def _cat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+@dataclass
+class CFGOptions:
+    """Refinements of classifier-free guidance, off by default.
+
+    - `rescale` phi > 0: `rescale_guidance` on the predicted x0 of the guided output;
+    - `interval` (lo, hi): guidance only at timesteps lo <= t <= hi; elsewhere the plain conditional
+      prediction (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval improves sample
+      and distribution quality"; they give the interval in sigma, we in training timesteps);
+    - `threshold` P: Imagen's dynamic thresholding of x0 at percentile P instead of clipping.
+    """
+
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None
+    threshold: float | None = None
+
+    def x0_processor(self) -> X0Processor:
+        return clip_x0 if self.threshold is None else dynamic_threshold(self.threshold)
+
+
+@dataclass
+class ClassifierFreeGuidance:
+    """The model function of a denoiser under classifier-free guidance.
+
+    At scale 0 only the unconditional branch runs and at scale 1 only the conditional one, so those
+    scales reproduce the plain predictions exactly. Above 1 both run in one batch. `autocast` is the
+    dtype the denoiser runs in (bf16 on GPUs by default); eps is always returned in fp32.
+    """
+
+    denoiser: torch.nn.Module
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor]
+    scale: float
+    options: CFGOptions = field(default_factory=CFGOptions)
+    autocast: torch.dtype | None = None
+
+    def predict(self, x: torch.Tensor, info: StepInfo, cond: dict[str, torch.Tensor], repeat: int = 1) -> torch.Tensor:
+        t = info.t.repeat(repeat)
+        context = torch.autocast(x.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with context:
+            out = self.denoiser(x, t, **cond)
+        ab = info.alpha_bar.repeat(repeat, 1, 1, 1)
+        return to_epsilon(out.float(), x.float(), ab, info.schedule.prediction_type)
+
+    def __call__(self, x: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        if self.scale == 0 or not self.cond:
+            return self.predict(x, info, self.uncond)
+        interval = self.options.interval
+        outside = interval is not None and not interval[0] <= info.step.t <= interval[1]
+        if self.scale == 1 or outside:
+            return self.predict(x, info, self.cond)
+        eps_c, eps_u = self.predict(torch.cat([x, x]), info, _cat_cond(self.cond, self.uncond), repeat=2).chunk(2)
+        eps = cfg_combine(eps_u, eps_c, self.scale)
+        if self.options.rescale:
+            ab = info.alpha_bar
+            x0 = rescale_guidance(epsilon_to_x0(eps, x, ab), epsilon_to_x0(eps_c, x, ab), self.options.rescale)
+            eps = x0_to_epsilon(x0, x, ab)
+        return eps
+
+
+def posterior_mean_coefficient(info: StepInfo) -> torch.Tensor:
+    """c such that eps - c * g shifts the DDPM posterior mean by Sigma * g (Dhariwal & Nichol's form).
+
+    mu = (sqrt(ab_next) beta x0 + sqrt(alpha) (1 - ab_next) x) / (1 - ab) with alpha = ab / ab_next,
+    beta = 1 - alpha and Sigma = beta (1 - ab_next) / (1 - ab), so mu + Sigma g is reached by
+    eps - sqrt(alpha) (1 - ab_next) / sqrt(1 - ab) * g.
+    """
+    ab, ab_next = info.alpha_bar, info.alpha_bar_next
+    return (ab / ab_next).sqrt() * (1 - ab_next) / (1 - ab).sqrt()
+
+
+def shift_eps(eps: torch.Tensor, grad: torch.Tensor, scale: float, form: str, info: StepInfo) -> torch.Tensor:
+    """eps moved along a gradient g of log p(y | x_t) so that the sampler's update carries s * g.
+
+    form "eps": eps - s * sqrt(1 - ab) * g, i.e. the score shifted by s * g; every sampler honours it
+    (the x0 the sampler receives moves by s * (1 - ab) / sqrt(ab) * g).
+    form "mean": the DDPM posterior mean shifted by s * Sigma * g (DDPM sampler only).
+    """
+    if form == "mean":
+        return eps - scale * posterior_mean_coefficient(info) * grad
+    return eps - scale * (1 - info.alpha_bar).sqrt() * grad
+
+
+def gradient_term(log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float,
+                  form: str = "eps") -> GuidanceTerm:
+    """Guidance by the gradient g of `log_prob(x_t, t)` (B,) with respect to x_t, in fp32 (`shift_eps`)."""
+
+    def term(eps: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        if scale == 0:
+            return eps
+        with torch.enable_grad(), torch.autocast(info.x.device.type, enabled=False):
+            x = info.x.detach().float().requires_grad_(True)
+            grad = torch.autograd.grad(log_prob(x, info.t).sum(), x)[0]
+        return shift_eps(eps, grad, scale, form, info)
+
+    return term

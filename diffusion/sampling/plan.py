@@ -1,0 +1,137 @@
+"""Generation from a loaded model: per-sample conditions and seeds, sampled in batches.
+
+A `SamplingPlan` lists one `SampleItem` per image (its seed, the model's condition, PNG metadata and
+typed targets: class label, prompt, known pixels), plus factories that build guidance terms and
+post-step hooks for each batch. Features (class labels, prompts, classifier or CLIP guidance,
+in-painting) add to the plan; the loop stays the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoints.load import LoadedModel
+from ..checkpoints.store import TrainState
+from ..config import Config
+from ..device import autocast_dtype
+from .guidance import CFGOptions, ClassifierFreeGuidance, GuidanceTerm
+from .images import save_grid
+from .loop import Guidance, Loop, PostStep, Progress, Trajectory, sample_loop, seeded_noise
+from .samplers import build_sampler
+from .schedule import NoiseSchedule
+
+
+@dataclass
+class KnownPixels:
+    """In-painting targets of one sample: the image (1, 3, H, W) and its keep-mask (1, 1, H, W), 1 = known."""
+
+    image: torch.Tensor
+    keep: torch.Tensor
+
+
+@dataclass
+class SampleItem:
+    seed: int
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # model inputs, each with a batch dim of 1
+    uncond: dict[str, torch.Tensor] | None = None  # None: the model's null condition
+    meta: dict[str, str] = field(default_factory=dict)  # written into the PNG
+    label: int | None = None  # target class (class-conditional models, classifier guidance)
+    prompt: str | None = None  # target caption (caption models, CLIP guidance)
+    known: KnownPixels | None = None  # in-painting
+
+    def but(self, **changes) -> "SampleItem":
+        """A copy with some fields replaced (dicts are copied, tensors shared)."""
+        copied = {"cond": dict(self.cond), "meta": dict(self.meta)}
+        return dataclasses.replace(self, **{**copied, **changes})
+
+
+BatchFactory = Callable[[list[SampleItem]], object]
+Finisher = Callable[[torch.Tensor, list[SampleItem]], torch.Tensor]
+
+
+@dataclass
+class SamplingPlan:
+    items: list[SampleItem]
+    terms: list[Callable[[list[SampleItem]], GuidanceTerm]] = field(default_factory=list)
+    hooks: list[Callable[[list[SampleItem]], PostStep]] = field(default_factory=list)
+    finishers: list[Finisher] = field(default_factory=list)
+    loop: Loop = sample_loop  # RePaint swaps in a loop that goes back in time
+    cfg: CFGOptions = field(default_factory=CFGOptions)
+
+
+@dataclass
+class SamplerSettings:
+    """How to sample: sampler and steps, CFG scale, batch size and the denoiser's precision."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance_scale: float = 1.0
+    batch_size: int = 16
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the denoiser; guidance gradients stay fp32)
+
+    def meta(self) -> dict[str, str]:
+        return {"sampler": self.sampler, "steps": str(self.steps), "guidance_scale": str(self.guidance_scale)}
+
+
+def _stack(conds: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([c[k] for c in conds]).to(device) for k in conds[0]} if conds and conds[0] else {}
+
+
+def run_plan(loaded: LoadedModel, plan: SamplingPlan, settings: SamplerSettings, progress: Progress | None = None,
+             bar: bool = True) -> torch.Tensor:
+    """Images in [-1, 1], (N, 3, H, W) on the CPU, one per plan item, in order.
+
+    `progress(done, total)` is told the steps done over the whole plan; `bar` shows a terminal bar.
+    """
+    model, device = loaded.model, loaded.device
+    schedule = loaded.schedule.to(device)
+    shape = (3, loaded.cfg.data.resolution, loaded.cfg.data.resolution)
+    batches = [plan.items[i:i + settings.batch_size] for i in range(0, len(plan.items), settings.batch_size)]
+    total = len(batches) * settings.steps
+    meter = tqdm(total=total, desc="sampling", leave=False, disable=not bar)
+    out = []
+    for number, items in enumerate(batches):
+        def advance(done: int, loop_total: int, before: int = number * settings.steps) -> None:
+            now = before + round(done * settings.steps / loop_total)  # RePaint's loop runs more steps
+            meter.update(now - meter.n)
+            if progress is not None:
+                progress(now, total)
+
+        noise, generators = seeded_noise(shape, [it.seed for it in items], device)
+        if device.type == "cuda":
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        cond = _stack([it.cond for it in items], device)
+        uncond = _stack([it.uncond if it.uncond is not None else model.null_condition(it.cond) for it in items], device)
+        model_fn = ClassifierFreeGuidance(model, cond, uncond, settings.guidance_scale, plan.cfg,
+                                          autocast_dtype(device, settings.precision))
+        guidance = Guidance(x0=plan.cfg.x0_processor(), terms=[make(items) for make in plan.terms],
+                            hooks=[make(items) for make in plan.hooks])
+        trajectory = Trajectory(schedule, build_sampler(schedule, settings.sampler, settings.steps), generators, guidance)
+        images = plan.loop(model_fn, trajectory, noise, advance).float().clamp(-1, 1)
+        for finish in plan.finishers:
+            images = finish(images, items)
+        out.append(images.cpu())
+    meter.close()
+    return torch.cat(out)
+
+
+def preview_grid(model: torch.nn.Module, cfg: Config, path: Path) -> None:
+    """The training-time sample grid: classes cycled (conditional) or unconditional samples."""
+    n = cfg.sample.num_samples
+    device = next(model.parameters()).device
+    loaded = LoadedModel(cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(device), TrainState(), path)
+    items = [SampleItem(seed=i, cond=model.preview_condition(i) if hasattr(model, "preview_condition") else {})
+             for i in range(n)]
+    settings = SamplerSettings(cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale, batch_size=n)
+    was_training = model.training
+    model.eval()
+    try:
+        images = run_plan(loaded, SamplingPlan(items), settings, bar=False)
+    finally:
+        model.train(was_training)
+    save_grid(images, path)
