@@ -5,6 +5,7 @@ Needs the Debian `chromium` package (`apt-get install -y chromium`; Playwright d
 """
 from __future__ import annotations
 
+import re
 import shlex
 import socket
 from pathlib import Path
@@ -52,7 +53,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, app):
-    page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    page = browser.new_page(viewport={"width": 900, "height": 700}, accept_downloads=True)
     page.goto(app[1])
     page.wait_for_load_state("networkidle")
     yield page
@@ -86,12 +87,14 @@ def test_inpaint_a_brush_stroke(app, page, tmp_path):
     page.locator("#ip-button").click()  # nothing painted yet: a message in the page, not a traceback
     page.get_by_text("no mask painted").first.wait_for(timeout=20_000)
 
-    box = editor.locator("canvas").first.bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    for dy in (-30, -15, 0, 15, 30):  # a band across the middle, drawn with the mouse
-        page.mouse.move(cx - 100, cy + dy)
+    editor.scroll_into_view_if_needed()
+    box = editor.locator("canvas").first.bounding_box()  # the image is centred in it, shown at the zoom shown
+    zoom = float(editor.get_by_text(re.compile(r"^\d+%$")).inner_text().rstrip("%")) / 100
+    cx, cy, side = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, SIDE * zoom
+    for dy in (-0.08, 0, 0.08):  # a band across the middle, drawn with the mouse (few events: software GL is slow)
+        page.mouse.move(cx - 0.3 * side, cy + dy * side)
         page.mouse.down()
-        page.mouse.move(cx + 100, cy + dy, steps=8)
+        page.mouse.move(cx + 0.3 * side, cy + dy * side, steps=2)
         page.mouse.up()
     page.locator("#ip-button").click()
     page.locator('#ip-files a[download="sample_0000.png"]').wait_for(timeout=60_000)
