@@ -26,7 +26,8 @@ from ..training import checkpoint as ckpt
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 INPAINT_METHODS = inpaint_lib.METHODS
-MAX_SAMPLES = 16
+MAX_SAMPLES = 16  # images per condition
+MAX_IMAGES = 64  # images per request
 MAX_SIDE = 4096  # uploads larger than this (in pixels) are refused
 
 
@@ -171,6 +172,9 @@ def _plan(models: Models, loaded: LoadedModel, argv: list[str], out: Path):
     settings = {"sampler": sampler, "steps": str(steps), "guidance_scale": str(scale), "checkpoint": str(loaded.path)}
     args.out = str(out)
     plan = sample_cli.make_plan(args, loaded, features, settings)
+    if len(plan.items) > MAX_IMAGES:
+        raise UserError(f"that asks for {len(plan.items)} images (every class x the number of images): at most "
+                        f"{MAX_IMAGES} a request; pick a class or fewer images")
     return args, plan, sampler, steps, scale
 
 
