@@ -123,7 +123,7 @@ def load_models(paths: DemoPaths) -> Models:
             raise UserError(f"{name} {loaded.path} is a {loaded.cfg.task} checkpoint; it needs a denoiser")
     models = Models(paths, base, inpainter, Path(tempfile.mkdtemp(prefix="diffusion-demo-")))
     if paths.classifier or paths.clip:  # the features load and check them (and keep them) on first use
-        prompt = "a" if paths.clip else None
+        prompt = "a" if paths.clip else ("" if getattr(base.model, "condition", "none") == "text" else None)
         _plan(models, base, _argv(models, base, GenerateRequest(prompt=prompt, steps=1)), Path(models.workdir))
     return models
 
