@@ -23,6 +23,7 @@ from . import backend as B  # noqa: E402
 MAX_FILE_SIZE = "10mb"
 EXAMPLE_SIDE = 256  # example images are enlarged (nearest) so the brush can be placed pixel by pixel
 ANY_CLASS = -1
+CSS = "#gen-gallery img, #ip-strip img { image-rendering: pixelated; }"  # small images: sharp pixels, no blur
 
 
 def import_gradio():
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def launch(demo, host: str, port: int, block: bool = True):
     return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, show_error=False,
-                       ssr_mode=False, prevent_thread_lock=not block, quiet=not block)
+                       ssr_mode=False, prevent_thread_lock=not block, quiet=not block, css=CSS)
 
 
 def main(argv: list[str] | None = None) -> None:
