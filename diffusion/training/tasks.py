@@ -77,11 +77,17 @@ class DenoiserTask:
 
         Caption models: `UNet2DConditionModel.from_pretrained(out_dir / "unet")`, and the text encoder
         in `text_encoder/` (`diffusion.models.text.TextEncoder.from_pretrained`, open_clip tokenizer).
+        `model_index.json` makes the folder a `diffusion.pipeline.GuidedDiffusionPipeline`.
         """
+        from ..pipeline import write_model_index
+
         core.unet.save_pretrained(out_dir / "unet")
         self.scheduler.save_pretrained(out_dir / "scheduler")
-        if getattr(core, "text_encoder", None) is not None:
+        text = getattr(core, "text_encoder", None) is not None
+        if text:
             core.text_encoder.save_pretrained(out_dir / "text_encoder")
+        if not getattr(core, "extra_channels", 0):  # in-painting U-Nets need channels the pipeline does not make
+            write_model_index(out_dir, text, type(core.unet).__name__)
 
 
 class ClassifierTask:

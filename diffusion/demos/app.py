@@ -1,0 +1,221 @@
+"""A browser demo: generate, and in-paint with a brush, from trained runs (Gradio).
+
+  pip install -e ".[demo]"
+  python -m diffusion.demos.app --checkpoint runs/shapes [--inpaint-checkpoint runs/inpaint_shapes]
+      [--classifier RUN] [--clip RUN] [--port 7860] [--host 127.0.0.1]
+
+The runs are loaded once; requests are queued and run one at a time. Every result is a PNG with
+the metadata sample.py writes, next to the `python sample.py ...` command that reproduces it.
+All calls into the library go through `diffusion.demos.backend`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import traceback
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from . import backend as B  # noqa: E402
+
+MAX_FILE_SIZE = "10mb"
+EXAMPLE_SIDE = 256  # example images are enlarged (nearest) so the brush can be placed pixel by pixel
+ANY_CLASS = -1
+CSS = "#gen-gallery img, #ip-strip img { image-rendering: pixelated; }"  # small images: sharp pixels, no blur
+
+
+def import_gradio():
+    try:
+        import gradio as gr
+    except ModuleNotFoundError:
+        raise B.UserError('the demo needs Gradio: pip install -e ".[demo]"') from None
+    return gr
+
+
+def shown_errors(fn):
+    """Bad input becomes a message in the page (gr.Error), never a traceback."""
+    gr = import_gradio()
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except B.UserError as err:
+            raise gr.Error(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the page gets one line, the server log the traceback
+            traceback.print_exc()
+            raise gr.Error(f"unexpected error ({type(err).__name__}): {err}") from None
+
+    return wrapper
+
+
+def optional(value):
+    """Blank or zero number fields mean 'off' (the run's default)."""
+    return None if value in (None, "") else value
+
+
+def request_from(info: B.ModelInfo, label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale,
+                 clip_scale, rescale, threshold, lo, hi, method=None, jump_length=5, jump_n_sample=5) -> B.GenerateRequest:
+    if steps is None or not 1 <= int(steps) <= info.num_train_timesteps:
+        raise B.UserError(f"steps must be 1..{info.num_train_timesteps} (the run's training timesteps), got {steps}")
+    if seed is None or int(seed) < 0:
+        raise B.UserError(f"the seed must be a whole number >= 0, got {seed}")
+    interval = None
+    if optional(lo) is not None or optional(hi) is not None:
+        if optional(lo) is None or optional(hi) is None:
+            raise B.UserError("the guidance interval needs both LO and HI (or neither)")
+        interval = (float(lo), float(hi))
+    return B.GenerateRequest(
+        class_label=None if label in (None, ANY_CLASS) else int(label),
+        prompt=prompt if prompt or info.condition == "text" else None,
+        negative_prompt=negative or None, guidance_scale=None if scale is None else float(scale), sampler=sampler,
+        steps=int(steps), seed=int(seed), num_samples=int(count or 1),
+        classifier_scale=optional(classifier_scale), clip_scale=optional(clip_scale),
+        guidance_rescale=optional(rescale) or None, dynamic_threshold=optional(threshold) or None,
+        guidance_interval=interval, inpaint_method=method, jump_length=int(jump_length or 5),
+        jump_n_sample=int(jump_n_sample or 5),
+    )
+
+
+def build_app(models: B.Models, title: str = "diffusion demo"):
+    gr = import_gradio()
+    info, inpaint_info = models.info("base"), models.info("inpaint")
+    paths = models.paths
+
+    def condition_controls(info: B.ModelInfo, prefix: str):
+        """Class, prompt and guidance controls the run supports; absent ones are hidden Nones."""
+        classes = info.class_names if (info.condition == "class" or paths.classifier) else []
+        label = gr.Dropdown([("any (cycle through the classes)", ANY_CLASS)] + [(f"{i}: {n}", i) for i, n in enumerate(classes)],
+                            value=ANY_CLASS if not classes else 0, label="class", visible=bool(classes),
+                            elem_id=f"{prefix}-class")
+        wants_prompt = info.condition == "text" or bool(paths.clip)
+        prompt = gr.Textbox(label="prompt", visible=wants_prompt, elem_id=f"{prefix}-prompt",
+                            value="" if not wants_prompt else None)
+        negative = gr.Textbox(label="negative prompt", visible=info.condition == "text", elem_id=f"{prefix}-negative")
+        scale = gr.Slider(0, 10, value=info.guidance_scale, step=0.5, label="guidance scale (0 unconditional, 1 conditional)",
+                          visible=info.condition != "none", elem_id=f"{prefix}-scale")
+        with gr.Row():
+            sampler = gr.Dropdown(list(B.SAMPLERS), value=info.sampler, label="sampler", elem_id=f"{prefix}-sampler")
+            steps = gr.Number(info.steps, precision=0, label=f"steps (1..{info.num_train_timesteps})", elem_id=f"{prefix}-steps")
+            seed = gr.Number(0, precision=0, label="seed (image i uses seed + i)", elem_id=f"{prefix}-seed")
+        with gr.Accordion("more guidance", open=False, visible=info.condition != "none" or bool(paths.classifier or paths.clip)):
+            classifier_scale = gr.Number(None, label="classifier scale (blank: 10)", visible=bool(paths.classifier))
+            clip_scale = gr.Number(None, label="CLIP scale (blank: 10)", visible=bool(paths.clip))
+            rescale = gr.Slider(0, 1, value=0, step=0.05, label="CFG rescale phi (0 = off)")
+            threshold = gr.Number(None, label="dynamic threshold percentile, 50..100 (blank = off)")
+            with gr.Row():
+                lo = gr.Number(None, label="guidance interval LO timestep (blank = off)")
+                hi = gr.Number(None, label="guidance interval HI timestep")
+        return [label, prompt, negative, scale, sampler, steps, seed], [classifier_scale, clip_scale, rescale, threshold, lo, hi]
+
+    @shown_errors
+    def on_generate(label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale, clip_scale, rescale,
+                    threshold, lo, hi, progress=gr.Progress()):
+        request = request_from(info, label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale,
+                               clip_scale, rescale, threshold, lo, hi)
+        results = B.generate(models, request, lambda done, total: progress((done, total), desc="sampling", unit="steps"))
+        gallery = [(str(r.path), f"seed {r.metadata.get('seed')} {r.metadata.get('class_name', r.metadata.get('prompt', ''))}")
+                   for r in results]
+        commands = B.batch_command(models, request) + "\n\n# each image alone:\n" + "\n".join(r.command for r in results)
+        return gallery, [str(r.path) for r in results], commands
+
+    @shown_errors
+    def on_inpaint(editor, label, prompt, negative, scale, sampler, steps, seed, classifier_scale, clip_scale, rescale,
+                   threshold, lo, hi, method, jump_length, jump_n_sample, progress=gr.Progress()):
+        if not editor or editor.get("background") is None:
+            raise B.UserError("upload an image (or pick an example) first")
+        image = B.check_upload(editor["background"])
+        mask = B.paint_mask_from_layers(image.size, editor.get("layers") or [])
+        request = request_from(inpaint_info, label, prompt, negative, scale, sampler, steps, seed, 1, classifier_scale,
+                               clip_scale, rescale, threshold, lo, hi, method, jump_length, jump_n_sample)
+        if mask.getbbox() is not None:
+            warning = B.coverage_warning(models, mask)
+            if warning:
+                gr.Warning(warning)
+        out = B.inpaint(models, image, mask, request, lambda done, total: progress((done, total), desc="in-painting", unit="steps"))
+        result = out.results[0]
+        command = B.batch_command(models, request, inpaint=True) + "\n# image.png and mask.png are in the downloads"
+        return out.strip, [str(result.path), *map(str, out.files)], command
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}\n`{models.base.path}`: {info.condition}-conditional, {info.resolution}x{info.resolution}"
+                    + (f"; in-painting run `{models.inpainter.path}`" if paths.inpaint_checkpoint else ""))
+        with gr.Tab("Generate", elem_id="tab-generate"):
+            with gr.Row():
+                with gr.Column():
+                    common, extra = condition_controls(info, "gen")
+                    count = gr.Slider(1, B.MAX_SAMPLES, value=4, step=1, label="number of images (per class when cycling)",
+                                      elem_id="gen-count")
+                    go = gr.Button("Generate", variant="primary", elem_id="gen-button")
+                with gr.Column():
+                    gallery = gr.Gallery(label="results", columns=4, format="png", elem_id="gen-gallery")
+                    files = gr.File(label="PNG downloads (with sample.py's metadata)", file_count="multiple",
+                                    elem_id="gen-files")
+                    command = gr.Textbox(label="reproduce with", lines=3, buttons=["copy"], elem_id="gen-command")
+            go.click(on_generate, [*common, count, *extra], [gallery, files, command], concurrency_limit=1)
+
+        with gr.Tab("In-paint", elem_id="tab-inpaint"):
+            with gr.Row():
+                with gr.Column():
+                    editor = gr.ImageEditor(
+                        type="pil", image_mode="RGBA", sources=["upload", "clipboard"], transforms=[], layers=False,
+                        brush=gr.Brush(colors=["#ff3030"], color_mode="fixed", default_size=24),
+                        label="image: paint the region to regenerate", height=420, elem_id="inpaint-editor")
+                    examples = B.example_images(models, EXAMPLE_SIDE)
+                    if examples:
+                        gr.Examples([[str(p)] for p in examples], inputs=[editor], label="examples (the run's dataset)")
+                with gr.Column():
+                    ip_common, ip_extra = condition_controls(inpaint_info, "ip")
+                    methods = list(B.INPAINT_METHODS) if inpaint_info.inpaint_model else ["replace", "repaint"]
+                    method = gr.Radio(methods, value=methods[0], label="method", elem_id="ip-method")
+                    with gr.Row():
+                        jump_length = gr.Number(5, precision=0, label="repaint --jump-length")
+                        jump_n_sample = gr.Number(5, precision=0, label="repaint --jump-n-sample")
+                    ip_go = gr.Button("In-paint", variant="primary", elem_id="ip-button")
+            strip = gr.Image(label="input | mask | result", type="pil", format="png", interactive=False, elem_id="ip-strip")
+            ip_files = gr.File(label="result PNG (with metadata), image.png and mask.png", file_count="multiple",
+                               elem_id="ip-files")
+            ip_command = gr.Textbox(label="reproduce with", lines=2, buttons=["copy"], elem_id="ip-command")
+            ip_go.click(on_inpaint, [editor, *ip_common, *ip_extra, method, jump_length, jump_n_sample],
+                        [strip, ip_files, ip_command], concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m diffusion.demos.app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="denoiser run directory or checkpoint")
+    parser.add_argument("--inpaint-checkpoint", default=None, help="in-painting run (model.inpaint: true) for the In-paint tab")
+    parser.add_argument("--upsampler", default=None, help="upsampler run (not available yet in this codebase)")
+    parser.add_argument("--classifier", default=None, help="noise-aware classifier run for classifier guidance")
+    parser.add_argument("--clip", default=None, help="noise-aware CLIP run (or open_clip:ARCH) for CLIP guidance")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    return parser
+
+
+def launch(demo, host: str, port: int, block: bool = True):
+    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, show_error=False,
+                       ssr_mode=False, prevent_thread_lock=not block, quiet=not block, css=CSS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        import_gradio()
+        models = B.load_models(B.DemoPaths(args.checkpoint, args.inpaint_checkpoint, args.upsampler, args.classifier,
+                                           args.clip, args.device))
+    except B.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    launch(build_app(models), args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

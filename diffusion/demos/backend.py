@@ -1,0 +1,299 @@
+"""The demo app's only door into the library: load the runs once, generate, in-paint.
+
+Every request becomes the argument list of a `sample.py` command and runs through sample.py's own
+code path (its parser, checks, features, plan and `run_plan`), so the command shown in the page
+reproduces the images exactly. Only this module imports the sampling library; the app sees
+the small typed interface below. Errors the user can fix are raised as `UserError`.
+"""
+from __future__ import annotations
+
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from ..checkpoints import store as ckpt
+from ..checkpoints.load import LoadedModel
+from ..cli import sample as sample_cli
+from ..conditioning.inpaint import files as inpaint_files
+from ..conditioning.inpaint.methods import METHODS
+from ..data import build_dataset
+from ..device import pick_device
+from ..errors import UserError
+from ..sampling.images import save_png, to_pil
+from ..sampling.plan import run_plan
+from ..sampling.samplers import SAMPLERS
+
+Progress = Callable[[int, int], None]  # (steps done, steps in all)
+INPAINT_METHODS = METHODS
+MAX_SAMPLES = 16  # images per condition
+MAX_IMAGES = 64  # images per request
+MAX_SIDE = 4096  # uploads larger than this (in pixels) are refused
+
+
+@dataclass
+class DemoPaths:
+    checkpoint: str
+    inpaint_checkpoint: str | None = None
+    upsampler: str | None = None
+    classifier: str | None = None
+    clip: str | None = None
+    device: str | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What the page needs to know about a loaded denoiser."""
+
+    condition: str  # none | class | text
+    class_names: list[str]
+    resolution: int
+    sampler: str
+    steps: int
+    guidance_scale: float
+    num_train_timesteps: int
+    inpaint_model: bool
+
+
+@dataclass
+class Models:
+    paths: DemoPaths
+    base: LoadedModel
+    inpainter: LoadedModel  # the --inpaint-checkpoint run, else the base run (replace / repaint)
+    workdir: Path  # where requests write their PNGs
+    requests: int = 0
+    features: list = field(default_factory=sample_cli.features)  # sample.py's, kept: they cache guide models
+
+    def info(self, which: str = "base") -> ModelInfo:
+        loaded = self.base if which == "base" else self.inpainter
+        cfg, model = loaded.cfg, loaded.model
+        condition = getattr(model, "condition", "none")
+        names = list(loaded.info.class_names)
+        if self.paths.classifier and condition != "class":  # the classifier's classes steer an unconditional run
+            names = list(ckpt.read_info(ckpt.resolve_checkpoint(self.paths.classifier)).class_names) or names
+        return ModelInfo(condition, names, cfg.data.resolution, cfg.sample.sampler, cfg.sample.steps,
+                         cfg.sample.guidance_scale, cfg.diffusion.num_train_timesteps, bool(cfg.model.inpaint))
+
+
+@dataclass
+class GenerateRequest:
+    """sample.py's options; None means the run's default."""
+
+    class_label: int | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    seed: int = 0
+    num_samples: int = 1
+    classifier_scale: float | None = None
+    clip_scale: float | None = None
+    guidance_rescale: float | None = None
+    dynamic_threshold: float | None = None
+    guidance_interval: tuple[float, float] | None = None
+    inpaint_method: str | None = None  # in-painting only
+    jump_length: int = 5
+    jump_n_sample: int = 5
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    metadata: dict[str, str]  # the PNG text chunks sample.py writes
+    path: Path  # that PNG
+    command: str  # `python sample.py ...` regenerating this image alone
+
+
+@dataclass
+class InpaintResult:
+    strip: Image.Image  # input | mask overlay | result, like sample.py's strip_NNNN.png
+    results: list[Result]
+    files: list[Path] = field(default_factory=list)  # image.png, mask.png the command reads
+
+
+def load_models(paths: DemoPaths) -> Models:
+    """Load the denoiser(s) once; classifier and CLIP runs are loaded and checked here too."""
+    if paths.upsampler:
+        raise UserError("--upsampler: this codebase has no upsampler task yet, so there is nothing to load")
+    device = pick_device(paths.device)
+    base = sample_cli.load_denoiser(paths.checkpoint, device)
+    inpainter = sample_cli.load_denoiser(paths.inpaint_checkpoint, device) if paths.inpaint_checkpoint else base
+    models = Models(paths, base, inpainter, Path(tempfile.mkdtemp(prefix="diffusion-demo-")))
+    if paths.classifier or paths.clip:  # the features load and check them (and keep them) on first use
+        prompt = "a" if paths.clip else ("" if getattr(base.model, "condition", "none") == "text" else None)
+        _plan(models, base, _argv(models, base, GenerateRequest(prompt=prompt, steps=1)), Path(models.workdir))
+    return models
+
+
+def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: str = "samples/demo",
+          image: str | None = None, mask: str | None = None) -> list[str]:
+    """The sample.py arguments for a request."""
+    r, p = request, models.paths
+    checkpoint = p.inpaint_checkpoint if (image and loaded is models.inpainter and p.inpaint_checkpoint) else p.checkpoint
+    argv = ["--checkpoint", str(checkpoint)]
+    options = [("--class-label", r.class_label), ("--guidance-scale", r.guidance_scale), ("--sampler", r.sampler),
+               ("--steps", r.steps), ("--num-samples", r.num_samples), ("--seed", r.seed),
+               ("--negative-prompt", r.negative_prompt), ("--guidance-rescale", r.guidance_rescale),
+               ("--dynamic-threshold", r.dynamic_threshold)]
+    if r.prompt is not None:
+        options.append(("--prompt", r.prompt))
+    if p.classifier:
+        options += [("--classifier", p.classifier), ("--classifier-scale", r.classifier_scale)]
+    if p.clip and r.prompt:
+        options += [("--clip", p.clip), ("--clip-scale", r.clip_scale)]
+    if image:
+        options += [("--image", image), ("--mask", mask), ("--inpaint-method", r.inpaint_method)]
+        if r.inpaint_method == "repaint":
+            options += [("--jump-length", r.jump_length), ("--jump-n-sample", r.jump_n_sample)]
+    for flag, value in options:
+        if value is not None:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if r.guidance_interval is not None:
+        argv += ["--guidance-interval", *(f"{v:g}" for v in r.guidance_interval)]
+    return [*argv, "--out", out]
+
+
+def _plan(models: Models, loaded: LoadedModel, argv: list[str], out: Path):
+    """sample.py's parse, checks and plan (its main() minus loading and saving)."""
+    features = models.features
+    try:
+        args = sample_cli.build_parser(features).parse_args(argv)
+    except SystemExit:
+        raise UserError(f"invalid options: {shlex.join(argv)}") from None
+    sample_cli.check_args(args)
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise UserError(f"number of images must be 1..{MAX_SAMPLES}, got {args.num_samples}")
+    settings = sample_cli.sampler_settings(args, loaded)
+    args.out = str(out)
+    plan = sample_cli.make_plan(args, loaded, features, settings)
+    if len(plan.items) > MAX_IMAGES:
+        raise UserError(f"that asks for {len(plan.items)} images (every class x the number of images): at most "
+                        f"{MAX_IMAGES} a request; pick a class or fewer images")
+    return args, plan, settings
+
+
+def _run(models: Models, loaded: LoadedModel, request: GenerateRequest, progress: Progress | None,
+         image: Image.Image | None = None, mask: Image.Image | None = None) -> tuple[list[Result], Path]:
+    models.requests += 1
+    out = models.workdir / f"request-{models.requests:04d}"
+    out.mkdir(parents=True)
+    image_file = mask_file = None
+    if image is not None:
+        image_file, mask_file = out / "image.png", out / "mask.png"
+        image.save(image_file)
+        mask.save(mask_file)
+    shown = dict(out="samples/demo", image="image.png" if image else None, mask="mask.png" if image else None)
+    real = dict(out=str(out), image=str(image_file) if image else None, mask=str(mask_file) if image else None)
+    args, plan, settings = _plan(models, loaded, _argv(models, loaded, request, **real), out)
+    if progress is not None:
+        progress(0, 1)
+    images = run_plan(loaded, plan, settings, progress=progress, bar=False)
+    results = []
+    for index, (tensor, item) in enumerate(zip(images, plan.items)):
+        path = out / f"sample_{index:04d}.png"
+        save_png(tensor, path, item.meta)  # exactly what sample.py writes
+        alone = GenerateRequest(**{**request.__dict__, "seed": item.seed, "num_samples": 1})
+        if item.label is not None and request.class_label is None:
+            alone.class_label = item.label
+        command = "python sample.py " + shlex.join(_argv(models, loaded, alone, **shown))
+        with Image.open(path) as png:
+            results.append(Result(png.convert("RGB"), dict(png.text), path, command))
+    return results, out
+
+
+def generate(models: Models, request: GenerateRequest, progress: Progress | None = None) -> list[Result]:
+    """Images for a class, a prompt or neither, as sample.py would write them."""
+    return _run(models, models.base, request, progress)[0]
+
+
+def batch_command(models: Models, request: GenerateRequest, inpaint: bool = False) -> str:
+    """The sample.py command reproducing a whole request (in-painting reads image.png and mask.png)."""
+    loaded = models.inpainter if inpaint else models.base
+    files = dict(image="image.png", mask="mask.png") if inpaint else {}
+    return "python sample.py " + shlex.join(_argv(models, loaded, request, **files))
+
+
+def paint_mask_from_layers(size: tuple[int, int], layers: list[np.ndarray | Image.Image]) -> Image.Image:
+    """A mask file (L, white = generate) from brush layers: painted wherever a layer is not transparent."""
+    painted = np.zeros((size[1], size[0]), dtype=bool)
+    for layer in layers:
+        if layer is None:
+            continue
+        layer = layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer))
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.size != size:
+            alpha = alpha.resize(size, Image.NEAREST)
+        painted |= np.asarray(alpha) > 0
+    return Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
+
+
+def check_upload(image: Image.Image | None, what: str = "image") -> Image.Image:
+    if image is None:
+        raise UserError(f"upload an {what} first")
+    if max(image.size) > MAX_SIDE:
+        raise UserError(f"the {what} is {image.size[0]}x{image.size[1]}: at most {MAX_SIDE} pixels a side")
+    return image.convert("RGB")
+
+
+def inpaint(models: Models, image: Image.Image, paint_mask: Image.Image | np.ndarray, request: GenerateRequest,
+            progress: Progress | None = None) -> InpaintResult:
+    """Regenerate the white region of `paint_mask` (same size as `image`) with sample.py --image --mask.
+
+    The in-painting run is used when given (method channels by default), else the base run (replace).
+    """
+    image = check_upload(image)
+    mask = paint_mask if isinstance(paint_mask, Image.Image) else Image.fromarray(np.asarray(paint_mask))
+    mask = mask.convert("L")
+    if mask.size != image.size:
+        raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}")
+    if not np.asarray(mask).any():
+        raise UserError("no mask painted: paint the region to regenerate with the brush")
+    results, out = _run(models, models.inpainter, request, progress, image, mask)
+    with Image.open(out / "strip_0000.png") as strip:
+        picture = strip.convert("RGB")
+    return InpaintResult(picture, results, [out / "image.png", out / "mask.png"])
+
+
+def coverage_warning(models: Models, paint_mask: Image.Image) -> str | None:
+    """sample.py's warning for a mask that leaves (almost) nothing to generate or to keep."""
+    res = models.inpainter.cfg.data.resolution
+    path = models.workdir / "coverage-mask.png"
+    paint_mask.save(path)
+    return inpaint_files.coverage_warning(inpaint_files.load_mask(path, res))
+
+
+def model_input(models: Models, image: Image.Image) -> Image.Image:
+    """The image as the in-painting model sees it: resized and centre-cropped to its resolution."""
+    path = models.workdir / "model-input.png"
+    image.convert("RGB").save(path)
+    return to_pil(inpaint_files.load_image(path, models.inpainter.cfg.data.resolution)[0])
+
+
+def example_images(models: Models, side: int, count: int = 4) -> list[Path]:
+    """A few images of the in-painting run's built-in dataset (shapes only: nothing to download),
+    enlarged to `side` pixels (nearest), as PNG files for the page's examples."""
+    cfg = models.inpainter.cfg
+    if cfg.data.name != "shapes":
+        return []
+    dataset = build_dataset(cfg.data, "test")
+    files = []
+    for index in range(min(count, len(dataset))):
+        path = models.workdir / "examples" / f"shape_{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(dataset[index]["image"]).resize((side, side), Image.NEAREST).save(path)
+        files.append(path)
+    return files
+
+
+def upscale(models: Models, image: Image.Image, progress: Progress | None = None) -> Image.Image:
+    raise UserError("this codebase has no upsampler task yet")
+
+
+__all__ = ["DemoPaths", "Models", "ModelInfo", "GenerateRequest", "Result", "InpaintResult", "SAMPLERS",
+           "INPAINT_METHODS", "load_models", "generate", "inpaint", "batch_command", "paint_mask_from_layers",
+           "check_upload", "coverage_warning", "example_images", "model_input", "upscale", "UserError"]

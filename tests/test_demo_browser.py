@@ -1,0 +1,142 @@
+"""The demo app in a real headless Chromium: paint a mask with the mouse, in-paint, generate, download.
+
+Needs the Debian `chromium` package (`apt-get install -y chromium`; Playwright drives it through
+`executable_path`, no `playwright install`) and the `[dev]` extra (gradio, playwright).
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium to run the browser tests", allow_module_level=True)
+pytest.importorskip("gradio", reason='the demo needs gradio: pip install -e ".[dev]"')
+sync_api = pytest.importorskip("playwright.sync_api", reason='the browser tests need playwright: pip install -e ".[dev]"')
+
+pytestmark = pytest.mark.browser
+SIDE = 256  # uploaded image side; the tiny model works at 8x8, so one model pixel is 32x32 here
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_run):
+    from diffusion.demos import app as demo_app
+    from diffusion.demos import backend
+
+    models = backend.load_models(backend.DemoPaths(str(tiny_run), device="cpu"))
+    demo = demo_app.build_app(models)
+    port = free_port()
+    demo_app.launch(demo, "127.0.0.1", port, block=False)
+    yield models, f"http://127.0.0.1:{port}"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, app):
+    page = browser.new_page(viewport={"width": 900, "height": 700}, accept_downloads=True)
+    page.goto(app[1])
+    page.wait_for_load_state("networkidle")
+    yield page
+    page.close()
+
+
+def download(page, selector: str, path: Path) -> Path:
+    with page.expect_download() as info:
+        page.locator(selector).click()
+    info.value.save_as(path)
+    return path
+
+
+def test_inpaint_a_brush_stroke(app, page, tmp_path):
+    models, _ = app
+    from diffusion.demos import backend
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    upload = Image.fromarray(small).resize((SIDE, SIDE), Image.NEAREST)
+    upload.save(tmp_path / "photo.png")
+
+    page.get_by_role("tab", name="In-paint").click()
+    editor = page.locator("#inpaint-editor")
+    placeholder = editor.get_by_text("Upload an image")
+    with page.expect_file_chooser() as chooser:  # as a user does: click the drop zone, pick a file
+        placeholder.click()
+    chooser.value.set_files(str(tmp_path / "photo.png"))
+    placeholder.wait_for(state="hidden", timeout=20_000)
+
+    page.locator("#ip-button").click()  # nothing painted yet: a message in the page, not a traceback
+    page.get_by_text("no mask painted").first.wait_for(timeout=20_000)
+
+    editor.scroll_into_view_if_needed()
+    box = editor.locator("canvas").first.bounding_box()  # the image is centred in it, shown at the zoom shown
+    zoom = float(editor.get_by_text(re.compile(r"^\d+%$")).inner_text().rstrip("%")) / 100
+    cx, cy, side = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, SIDE * zoom
+    for dy in (-0.08, 0, 0.08):  # a band across the middle, drawn with the mouse (few events: software GL is slow)
+        page.mouse.move(cx - 0.3 * side, cy + dy * side)
+        page.mouse.down()
+        page.mouse.move(cx + 0.3 * side, cy + dy * side, steps=2)
+        page.mouse.up()
+    page.locator("#ip-button").click()
+    page.locator('#ip-files a[download="sample_0000.png"]').wait_for(timeout=60_000)
+    result = np.asarray(Image.open(download(page, '#ip-files a[download="sample_0000.png"]', tmp_path / "r.png")))
+    mask = np.asarray(Image.open(download(page, '#ip-files a[download="mask.png"]', tmp_path / "m.png")))
+
+    # The painted band: the middle of the image, clear of the top and bottom quarters.
+    rows = np.flatnonzero(mask.any(1))
+    assert 32 < rows.min() < rows.max() < SIDE - 32 and mask.mean() > 0.1 * 255
+    expected = np.asarray(backend.model_input(models, upload))
+    assert result.shape == expected.shape == (8, 8, 3)
+    kept = [0, 1, 6, 7]  # model rows the band does not touch
+    np.testing.assert_array_equal(result[kept], expected[kept])
+    painted = result[3:5, 2:6].astype(int) - expected[3:5, 2:6]
+    assert np.abs(painted).max() > 0, "the painted region was not regenerated"
+    assert "--image image.png --mask mask.png" in page.locator("#ip-command textarea").input_value()
+
+
+def test_generate_a_class_and_reproduce_it_with_sample_py(app, page, tmp_path):
+    from diffusion.cli.sample import main as sample_main
+
+    page.locator("#gen-class input").click()
+    page.get_by_role("option", name="2: blue circle").click()
+    page.locator("#gen-seed input").fill("7")
+    count = page.locator("#gen-count input[type=number]")
+    count.fill("2")
+    count.press("Tab")
+    page.locator("#gen-button").click()
+    page.locator('#gen-files a[download="sample_0001.png"]').wait_for(timeout=60_000)
+    files = [download(page, f'#gen-files a[download="sample_000{i}.png"]', tmp_path / f"s{i}.png") for i in range(2)]
+
+    for i, path in enumerate(files):
+        meta = Image.open(path).text
+        assert meta["label"] == "2" and meta["class_name"] == "blue circle" and meta["seed"] == str(7 + i)
+        assert meta["sampler"] == "ddim" and meta["steps"] == "3" and meta["guidance_scale"] == "3.0"
+        assert meta["checkpoint"].endswith("step-000004")
+
+    commands = page.locator("#gen-command textarea").input_value().splitlines()
+    alone = [c for c in commands if c.startswith("python sample.py") and "--seed 8" in c]
+    assert alone, commands
+    argv = shlex.split(alone[0])[2:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    sample_main(argv)
+    again = np.asarray(Image.open(tmp_path / "again" / "sample_0000.png"))
+    np.testing.assert_array_equal(again, np.asarray(Image.open(files[1])))
