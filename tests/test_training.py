@@ -51,6 +51,23 @@ def test_resume_restores_step_optimizer_ema_and_data_position(tmp_path):
         torch.testing.assert_close(shadow.cpu(), ema_file[name])
 
 
+def test_resumed_ema_is_moved_to_the_model_device_after_loading(tmp_path, monkeypatch):
+    """accelerate reloads the registered EMA with map_location="cpu" and EMAModel keeps those tensors,
+    so on CUDA the first ema.step would mix devices. On the CPU that coincidence hides the bug, so
+    record the calls: after the EMA state is loaded it must be moved to the model's device."""
+    train(tiny_config(tmp_path, "train.max_steps=2"))
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=4"), resume="auto", log=False)
+    events = []
+    load, move = trainer.ema.load_state_dict, trainer.ema.to
+    monkeypatch.setattr(trainer.ema, "load_state_dict", lambda state: events.append("load") or load(state))
+    monkeypatch.setattr(trainer.ema, "to", lambda device=None, dtype=None, **kw: events.append(("to", torch.device(device)))
+                        or move(device=device, dtype=dtype, **kw))
+    trainer.load_checkpoint(ckpt.list_checkpoints(tmp_path)[-1])
+    assert events.index("load") < len(events) - 1 and events[-1] == ("to", trainer.accelerator.device)
+    device = next(trainer.core.parameters()).device
+    assert all(shadow.device == device for shadow in trainer.ema.shadow_params)
+
+
 def test_resumed_run_continues_like_an_uninterrupted_one(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(tiny_config(straight, "train.max_steps=6"))

@@ -133,6 +133,9 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         self.accelerator.load_state(str(path / "accelerate"))
+        # accelerate reloads the registered EMA with map_location="cpu" and EMAModel keeps those
+        # tensors: move them to the model's device again, as diffusers' training examples do.
+        self.ema.to(self.accelerator.device)
         saved = ckpt.read_info(path)
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
 
