@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
 
+    from diffusion.training.preflight import preflight
+
+    preflight(cfg, args.resume)  # the cheap checks, before the slow imports below (Trainer repeats them)
     from diffusion.training.trainer import train
 
     train(cfg, resume=args.resume)

@@ -314,8 +314,8 @@ def _is_text(hint: Any) -> bool:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `dotted.key=value` strings to a nested dict: values of text keys as written
-    (`data.root=on` is "on"; `null` clears an optional one), other values parsed as YAML."""
+    """Apply `dotted.key=value` strings (values parsed as YAML) to a nested dict. A text key takes
+    a value YAML reads as a number or boolean as written (`data.root=1e3` is "1e3")."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form dotted.key=value")
@@ -328,8 +328,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 problem = getattr(err, "problem", None) or str(err).splitlines()[0]
                 raise UserError(f"override '{item}': the value is not valid YAML ({problem})") from None
             value = raw
-        if _is_text(hint) and not (value is None and hint is not str):
-            value = raw
+        if _is_text(hint) and not isinstance(value, (str, list, dict)) and not (value is None and hint is not str):
+            value = raw  # a number, date or boolean in YAML, text here
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

@@ -5,6 +5,8 @@ import warnings
 
 import torch
 
+from .errors import UserError
+
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:
     """The named device, else CUDA when available, else CPU."""
@@ -27,3 +29,14 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn
     up-sampling blocks (it is traced correctly; the warning repeats once per block otherwise)."""
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
     return torch.compile(model, backend=backend)
+
+
+def check_mixed_precision(mode: str, device: torch.device) -> None:
+    """Refuse a `train.mixed_precision` the training device cannot run (accelerate would go on in fp32
+    for fp16 on a CPU, or fail at the first step for bf16 on a GPU without it)."""
+    if mode == "fp16" and device.type != "cuda":
+        raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU, but this run trains on the {device.type}: "
+                        "use bf16 or no")
+    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"train.mixed_precision=bf16: {torch.cuda.get_device_name(device)} cannot compute in bf16: "
+                        "use fp16 or no")
