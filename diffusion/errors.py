@@ -27,6 +27,12 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to its first line (the exception's name if it has none), for
+    quoting a library's error inside a one-line UserError."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 def exit_on_user_error(main: F) -> F:
     """Wrap a CLI entry point: a UserError prints one line and exits with status 2; an Interrupted run
     exits with its status (it has said what it saved); a second Ctrl-C exits 130 in one line."""

@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import check_output_dir
 
 STATE_DIR = "accelerate"  # accelerator.save_state's folder in a checkpoint
@@ -27,7 +27,7 @@ def check_state_file(path: Path) -> None:
             with safe_open(str(path), framework="pt"):
                 pass
         except Exception as err:  # SafetensorError, OSError: a damaged or foreign file
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            first = first_line(err, 120)
             raise UserError(f"cannot resume: {path} is not a safetensors file ({first})") from None
     elif path.suffix in (".bin", ".pkl") and not zipfile.is_zipfile(path):
         raise UserError(f"cannot resume: {path} is not a torch.save archive (a bare pickle or a damaged file); "

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted, UserError, first_line
 from . import checkpoint as ckpt
 from .logger import MetricLogger
 from .preflight import preflight
@@ -130,7 +130,7 @@ class Trainer:
         try:
             self.accelerator.load_state(str(path / "accelerate"))
         except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as err:  # damaged or foreign files
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            first = first_line(err)
             raise UserError(f"cannot resume from {path}: {first}") from None
         saved = ckpt.read_info(path)
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
