@@ -27,10 +27,16 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-def first_line(err: BaseException, limit: int = 160) -> str:
+def first_line(err: BaseException, limit: int = 200) -> str:
     """An exception's message cut to its first line (the exception's name if it has none), for
-    quoting a library's error inside a one-line UserError."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+    quoting a library's error inside a one-line UserError. For torch.load(weights_only=True), whose
+    first lines are advice, the line that gives the reason."""
+    text = str(err).strip()
+    if text.startswith("Weights only load failed"):
+        rest = [line.split("WeightsUnpickler error:")[-1].strip() for line in text.splitlines()[1:]]
+        reason = next((line for line in rest if line and not line.startswith("Check the documentation")), "")
+        text = f"torch.load refused it as not plain weights: {reason}"
+    return (text.splitlines() or [type(err).__name__])[0][:limit]
 
 
 def exit_on_user_error(main: F) -> F:
