@@ -1,6 +1,9 @@
 """Train a model: `python train.py CONFIG [dotted.key=value ...] [--resume auto|PATH]`.
 
 Runs on CPU, one GPU, or many with `accelerate launch train.py ...`.
+
+Exit status: 0 when the run reached train.max_steps; 2 for bad input (one line says what); 130 or
+143 when Ctrl-C or SIGTERM stopped it after saving a checkpoint (128 + the signal number).
 """
 from __future__ import annotations
 

@@ -264,11 +264,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item, key) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # `nan`, `inf`: refused by validate() where they make no sense
-        except ValueError:
-            pass
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             also = " (write true or false)" if hint is bool else ""
