@@ -1,6 +1,9 @@
 """Train a model: `python train.py CONFIG [dotted.key=value ...] [--resume auto|PATH]`.
 
 Runs on CPU, one GPU, or many with `accelerate launch train.py ...`.
+
+Exit status: 0 when the run reached train.max_steps; 2 for bad input (one line says what); 130 or
+143 when Ctrl-C or SIGTERM stopped it after saving a checkpoint (128 + the signal number).
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
 
+    from diffusion.training.preflight import preflight
+
+    preflight(cfg, args.resume)  # the cheap checks, before the slow imports below (Trainer repeats them)
     from diffusion.training.trainer import train
 
     train(cfg, resume=args.resume)

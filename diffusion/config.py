@@ -7,15 +7,75 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from .errors import UserError
+
+
+# YAML as people write configs: `1e-4` is a float and only true/false are booleans (YAML 1.2's core
+# schema). PyYAML follows YAML 1.1, where `1e-4` is a string and `on`, `yes`, `no` are booleans.
+_INT = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_REPLACED_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "timestamp")}
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader with YAML 1.2 core-schema booleans, integers and floats, and no timestamps."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that also quotes strings ConfigLoader would read as numbers (and those YAML 1.1
+    readers would read as booleans), so a saved config reads back the same everywhere."""
+
+
+for _cls in (ConfigLoader, ConfigDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
+    _cls.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with ConfigLoader (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or a one-line UserError naming the file (binary data, syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = parse_yaml(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not a text file (not UTF-8): is it the right file?") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of config keys, not a {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -204,11 +264,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item, key) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is str and isinstance(value, bool):
-        value = "yes" if value else "no"  # YAML 1.1 reads `no` (as in mixed_precision: no) as False
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise UserError(f"config key '{key}' expects {hint.__name__}, got {value!r}")
+            also = " (write true or false)" if hint is bool else ""
+            raise UserError(f"config key '{key}' expects {hint.__name__}{also}, got {value!r}")
         return value
     raise UserError(f"config key '{key}' has unsupported type {hint}")
 
@@ -235,42 +294,98 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _hint(key: str) -> Any:
+    """The type hint of a dotted config key, or None if there is no such key."""
+    cls: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def _is_text(hint: Any) -> bool:
+    return hint is str or set(typing.get_args(hint)) == {str, type(None)}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `dotted.key=value` strings (values parsed as YAML) to a nested dict."""
+    """Apply `dotted.key=value` strings (values parsed as YAML) to a nested dict. A text key takes
+    a value YAML reads as a number or boolean as written (`data.root=1e3` is "1e3")."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        hint = _hint(key)
+        try:
+            value = parse_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            if not _is_text(hint):
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise UserError(f"override '{item}': the value is not valid YAML ({problem})") from None
+            value = raw
+        if _is_text(hint) and not isinstance(value, (str, list, dict)) and not (value is None and hint is not str):
+            value = raw  # a number, date or boolean in YAML, text here
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise UserError(f"override '{key}': '{part}' is not a config section")
         node[parts[-1]] = value
     return data
 
 
+def _value(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+_FRACTION = (lambda v: 0.0 <= v < 1.0), "in [0, 1)"
+_POSITIVE = (lambda v: v > 0), "> 0"
+# Numeric limits checked before anything is built: a bad value fails in one line, not deep in a run.
+LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{key: _at_least(1) for key in (
+        "train.max_steps", "train.batch_size", "train.grad_accum", "train.log_every", "train.checkpoint_every",
+        "data.resolution", "data.shapes_size", "model.base_channels", "model.layers_per_block",
+        "model.attention_head_dim", "diffusion.num_train_timesteps", "sample.steps", "sample.num_samples")},
+    **{key: _at_least(0) for key in (
+        "data.num_workers", "train.warmup_steps", "train.sample_every", "train.keep_checkpoints",
+        "train.weight_decay", "train.grad_clip", "model.num_classes", "sample.guidance_scale")},
+    **{key: _FRACTION for key in ("model.cond_drop_prob", "train.caption_word_drop", "train.ema_decay", "model.dropout")},
+    **{key: _POSITIVE for key in ("train.lr", "train.ema_power")},
+}
+
+
 def validate(cfg: Config) -> Config:
+    """Refuse values no run can use, in one line naming the key."""
     for key, options in CHOICES.items():
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _value(cfg, key)
         if value not in options:
             raise UserError(f"config key '{key}' must be one of {', '.join(options)}; got {value!r}")
-    if not 0.0 <= cfg.model.cond_drop_prob < 1.0:
-        raise UserError("config key 'model.cond_drop_prob' must be in [0, 1)")
-    if not 0.0 <= cfg.train.caption_word_drop < 1.0:
-        raise UserError("config key 'train.caption_word_drop' must be in [0, 1)")
-    for key in ("train.max_steps", "train.batch_size", "data.resolution", "train.grad_accum"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise UserError(f"config key '{key}' must be positive")
+    for key in all_keys():
+        values = _value(cfg, key)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"config key '{key}' must be a finite number; got {value}")
+    for key, (ok, wanted) in LIMITS.items():
+        if not ok(_value(cfg, key)):
+            raise UserError(f"config key '{key}' must be {wanted}; got {_value(cfg, key)!r}")
+    mult = cfg.model.channel_mult
+    if not mult or min(mult) < 1:
+        raise UserError(f"config key 'model.channel_mult' must list one positive multiplier per resolution level "
+                        f"(e.g. [1, 2, 2]); got {mult}")
     res = cfg.data.resolution
-    if res % (2 ** (len(cfg.model.channel_mult) - 1)):
+    if res % (2 ** (len(mult) - 1)):
         raise UserError(
-            f"data.resolution={res} is not divisible by 2^{len(cfg.model.channel_mult) - 1} "
+            f"data.resolution={res} is not divisible by 2^{len(mult) - 1} "
             "(one halving per extra model.channel_mult level)"
         )
     return cfg
@@ -280,13 +395,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config file (or the defaults), apply overrides, and validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        data = read_yaml(path)
     data = apply_overrides(data, overrides or [])
     return validate(from_dict(Config, data))
 
@@ -294,4 +403,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def save_config(cfg: Config, path: str | Path) -> None:
     from .io import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), yaml.dump(to_dict(cfg), Dumper=ConfigDumper, sort_keys=False))

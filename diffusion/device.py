@@ -5,6 +5,8 @@ import warnings
 
 import torch
 
+from .errors import UserError
+
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:
     """The named device, else CUDA when available, else CPU."""
@@ -49,3 +51,14 @@ def prepare_for_sampling(model: torch.nn.Module, device: torch.device) -> torch.
         torch.backends.cudnn.allow_tf32 = True
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def check_mixed_precision(mode: str, device: torch.device) -> None:
+    """Refuse a `train.mixed_precision` the training device cannot run (accelerate would go on in fp32
+    for fp16 on a CPU, or fail at the first step for bf16 on a GPU without it)."""
+    if mode == "fp16" and device.type != "cuda":
+        raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU, but this run trains on the {device.type}: "
+                        "use bf16 or no")
+    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"train.mixed_precision=bf16: {torch.cuda.get_device_name(device)} cannot compute in bf16: "
+                        "use fp16 or no")

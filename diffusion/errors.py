@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import Callable, TypeVar
 
@@ -12,8 +13,35 @@ class UserError(Exception):
     """Bad input from the user: the message names the problem and the fix."""
 
 
+class Interrupted(Exception):
+    """A run stopped early on SIGINT or SIGTERM after saving its state (and saying so)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal number, as a shell reports a process the signal ended (130, 143): never 0,
+        so a scheduler does not take a stopped run for a finished one."""
+        return 128 + self.signum
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line (the exception's name if it has none), for
+    quoting a library's error inside a one-line UserError. For torch.load(weights_only=True), whose
+    first lines are advice, the line that gives the reason."""
+    text = str(err).strip()
+    if text.startswith("Weights only load failed"):
+        rest = [line.split("WeightsUnpickler error:")[-1].strip() for line in text.splitlines()[1:]]
+        reason = next((line for line in rest if line and not line.startswith("Check the documentation")), "")
+        text = f"torch.load refused it as not plain weights: {reason}"
+    return (text.splitlines() or [type(err).__name__])[0][:limit]
+
+
 def exit_on_user_error(main: F) -> F:
-    """Wrap a CLI entry point so a UserError prints one line and exits with status 2."""
+    """Wrap a CLI entry point: a UserError prints one line and exits with status 2; an Interrupted run
+    exits with its status (it has said what it saved); a second Ctrl-C exits 130 in one line."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -22,5 +50,10 @@ def exit_on_user_error(main: F) -> F:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except Interrupted as err:
+            raise SystemExit(err.exit_status) from None
+        except KeyboardInterrupt:
+            print("interrupted: stopped at once, without saving", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGINT) from None
 
     return wrapper  # type: ignore[return-value]

@@ -1,10 +1,13 @@
-"""Atomic file writes: a killed run never leaves a half-written file under the final name."""
+"""Atomic file writes (a killed run never leaves a half-written file under the final name) and the
+writable-folder check for a run's output_dir."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from .errors import UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -26,3 +29,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def check_output_dir(path: str | Path) -> None:
+    """Create the run folder `path` if needed and prove it takes files (permissions alone do not tell,
+    e.g. for root or a read-only mount); refuse a file, a path below a file, or no permission."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output_dir {path} is a file, not a folder: choose another output_dir")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"output_dir {path} is below {blocker}, which is a file: choose another output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"output_dir {path} is not writable ({err.strerror or err}): choose another output_dir") from None

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
@@ -144,7 +145,28 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=90)
-    assert proc.returncode == 0, out
-    assert "interrupted: saved" in out
+    assert proc.returncode == 128 + signal.SIGTERM, out  # not 0: a scheduler must not take it for a finished run
+    assert "interrupted by SIGTERM at step" in out and "run saved" not in out
     info = json.loads((ckpt.list_checkpoints(tmp_path)[-1] / ckpt.INFO_FILE).read_text())
     assert info["step"] >= 1
+
+
+def test_sigterm_during_a_checkpoint_write_still_stops_with_the_interrupted_line(tmp_path, monkeypatch, capsys):
+    """The signal lands while step 2's checkpoint is being written: the write finishes, the run stops
+    there (no second save, no export), says so, and ends in Interrupted, not in a normal return."""
+    from diffusion.errors import Interrupted
+
+    write = Trainer.save_checkpoint
+
+    def signalled_write(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", signalled_write)
+    with pytest.raises(Interrupted) as stopped:
+        train(tiny_config(tmp_path, "train.max_steps=6"))
+    assert stopped.value.exit_status == 128 + signal.SIGTERM
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000002"]
+    assert not (tmp_path / "final").exists()
+    out = capsys.readouterr().out
+    assert f"interrupted by SIGTERM at step 2: saved {tmp_path / 'checkpoints' / 'step-000002'}" in out

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import Config, from_dict, save_config
+from ..config import Config, from_dict, read_yaml, save_config
 from ..errors import UserError
 from ..io import atomic_write, atomic_write_text
 
@@ -114,9 +114,7 @@ def read_info(path: Path) -> TrainState:
 
 
 def read_config(path: Path) -> Config:
-    import yaml
-
-    return from_dict(Config, yaml.safe_load((path / CONFIG_FILE).read_text()))
+    return from_dict(Config, read_yaml(path / CONFIG_FILE))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

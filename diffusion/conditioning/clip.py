@@ -15,6 +15,7 @@ differentiating the denoiser) and, unlike Crowson's x_t/x0 blend, needs no extra
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoints.load import LoadedModel
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..sampling.guidance import GuidanceTerm, StepInfo, gradient_term, shift_eps
 from ..sampling.schedule import epsilon_to_x0
 
@@ -129,8 +130,10 @@ def load_open_clip(arch: str, weights: str | None, device: torch.device | str) -
     if not Path(weights).is_file() and weights not in tags:
         raise UserError(f"CLIP weights file not found: {weights} (give a local open_clip checkpoint or {hint})")
     try:
-        model = open_clip.create_model(name, pretrained=weights, device=device)
-    except (RuntimeError, OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        with warnings.catch_warnings():  # torch.load's pickle-protocol warning would precede the one-line error
+            warnings.simplefilter("ignore")
+            model = open_clip.create_model(name, pretrained=weights, device=device)
+    except Exception as err:  # a foreign or damaged file fails in many ways (unpickling, safetensors, empty dicts)
+        first = first_line(err)
         raise UserError(f"cannot load CLIP weights {weights} into open_clip {name}: {first}") from None
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(name)

@@ -4,11 +4,13 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.datasets import CIFAR10
+from torchvision.datasets import CIFAR10, VisionDataset
 
 from ..errors import UserError
 from .common import image_transform, sample_dict, template_caption
+from .safe_pickle import ForbiddenPickle, load_data_pickle
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -19,11 +21,35 @@ def class_caption(name: str) -> str:
 
 
 class _CIFAR10(CIFAR10):
-    """torchvision's CIFAR10, checking that the batch files exist rather than their md5 sums.
-
-    Corrupt files still fail loudly when unpickled; this lets re-packed or test-written copies
-    in the real on-disk format load.
+    """torchvision's CIFAR10 (download, layout, items), reading the batch files with a restricted
+    unpickler (plain data only: a hostile pickle in data.root cannot run code) and checking that
+    they exist rather than their md5 sums (re-packed or test-written copies in the real format load).
     """
+
+    def __init__(self, root: str, train: bool = True, download: bool = False):
+        VisionDataset.__init__(self, root)
+        self.train = train
+        if download:
+            self.download()
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found; use download=True to download it")
+        data, self.targets = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            entry = self._read(name)
+            images, labels = entry["data"], entry.get("labels", entry.get("fine_labels"))
+            if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 \
+                    or images.shape[1] != 3 * 32 * 32 or not isinstance(labels, list) or len(labels) != len(images):
+                raise ValueError(f"{name} does not hold uint8 (N, 3072) images and N labels")
+            data.append(images)
+            self.targets.extend(labels)
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC
+        self._load_meta()
+
+    def _read(self, name: str) -> dict:
+        entry = load_data_pickle(Path(self.root) / self.base_folder / name)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{name} holds a {type(entry).__name__}, not a dict")
+        return entry
 
     def _check_integrity(self) -> bool:
         base = Path(self.root) / self.base_folder
@@ -31,8 +57,7 @@ class _CIFAR10(CIFAR10):
         return all((base / name).is_file() for name, _ in files)
 
     def _load_meta(self) -> None:
-        with (Path(self.root) / self.base_folder / self.meta["filename"]).open("rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.classes = self._read(self.meta["filename"])[self.meta["key"]]
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
@@ -47,6 +72,8 @@ class Cifar10(torch.utils.data.Dataset):
         train = split == "train"
         try:
             self.data = _CIFAR10(root, train=train, download=False)
+        except ForbiddenPickle as err:
+            raise UserError(f"refusing {err} (a pickle that runs code, not a CIFAR-10 batch)") from None
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
             raise UserError(f"CIFAR-10 files in {Path(root) / 'cifar-10-batches-py'} are broken ({err}): extract them again") from None
         except RuntimeError:

@@ -5,6 +5,7 @@ Follows diffusers' train_unconditional.py: one Accelerator drives CPU, one GPU o
 """
 from __future__ import annotations
 
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ from ..checkpoints.init_from import initialise_from
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
-from ..errors import UserError
+from ..errors import Interrupted, UserError, first_line
 from .logger import MetricLogger
+from .preflight import preflight
 from .tasks import Task, build_task
 
 
@@ -29,15 +31,19 @@ class StopRequest:
     """Turns SIGINT/SIGTERM into a flag so the loop can checkpoint before exiting."""
 
     def __init__(self):
-        self.requested = False
+        self.signum: int | None = None
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -54,18 +60,6 @@ def resolve_dataset_info(cfg: Config, dataset) -> list[str]:
     return names
 
 
-def find_resume(cfg: Config, resume: str | None) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = ckpt.list_checkpoints(cfg.output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / ckpt.INFO_FILE).is_file():
-        raise UserError(f"--resume {resume}: not a checkpoint directory (no {ckpt.INFO_FILE})")
-    return path
-
-
 def warmup_lr(cfg: Config, step: int) -> float:
     return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
 
@@ -74,6 +68,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, log: bool = True):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
+        self.resume_from = preflight(cfg, resume)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # on CPU, torchrun still runs it multi-process (gloo)
             mixed_precision=cfg.train.mixed_precision,
@@ -83,7 +78,6 @@ class Trainer:
         )
         set_seed(cfg.train.seed, device_specific=True)
         use_fast_cuda_math(self.accelerator.device, cfg.train.allow_tf32)
-        self.resume_from = find_resume(cfg, resume)
         dataset = build_dataset(cfg.data)
         self.state = ckpt.TrainState(class_names=resolve_dataset_info(cfg, dataset))
         self.task: Task = build_task(cfg)
@@ -132,7 +126,11 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        self.accelerator.load_state(str(path / "accelerate"))
+        try:
+            self.accelerator.load_state(str(path / "accelerate"))
+        except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as err:  # damaged or foreign files
+            first = first_line(err)
+            raise UserError(f"cannot resume from {path}: {first}") from None
         # accelerate reloads the registered EMA with map_location="cpu" and EMAModel keeps those
         # tensors: move them to the model's device again, as diffusers' training examples do.
         self.ema.to(self.accelerator.device)
@@ -191,6 +189,7 @@ class Trainer:
         images_per_step = cfg.train.batch_size * cfg.train.grad_accum
         loss_sum, loss_count, tick, tick_step = torch.zeros((), device=acc.device), 0, time.perf_counter(), self.state.step
         last_saved = self.state.step if self.resume_from else -1
+        saved = self.resume_from
         try:
             batches = self.batches()
             while self.state.step < cfg.train.max_steps and not stop.requested:
@@ -215,18 +214,20 @@ class Trainer:
                 if cfg.train.sample_every and step % cfg.train.sample_every == 0 and acc.is_main_process:
                     self.with_ema_weights(lambda core: self.task.preview(core, step, self.run_dir))
                 if step % cfg.train.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    saved = self.save_checkpoint()
                     last_saved = step
-        finally:
+            if last_saved != self.state.step:
+                saved = self.save_checkpoint()
+            if self.state.step >= cfg.train.max_steps and acc.is_main_process:
+                self.export()
+        finally:  # a signal during the saves above still lets them finish
             bar.close()
             stop.restore()
-        if last_saved != self.state.step:
-            path = self.save_checkpoint()
-            if stop.requested:
-                acc.print(f"interrupted: saved {path}; continue with --resume auto")
-        if self.state.step >= cfg.train.max_steps and acc.is_main_process:
-            self.export()
         self.logger.close()
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            acc.print(f"interrupted by {name} at step {self.state.step}: saved {saved}; continue with --resume auto")
+            raise Interrupted(f"interrupted by {name}", stop.signum)
         return self.run_dir
 
     def export(self) -> None:
