@@ -27,6 +27,12 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
+class Diverged(Exception):
+    """Training produced a non-finite loss or weights; the run stops without saving them."""
+
+    exit_status = 3
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """An exception's message cut to its first line (the exception's name if it has none), for
     quoting a library's error inside a one-line UserError. For torch.load(weights_only=True), whose
@@ -52,6 +58,9 @@ def exit_on_user_error(main: F) -> F:
             raise SystemExit(2) from None
         except Interrupted as err:
             raise SystemExit(err.exit_status) from None
+        except Diverged as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(Diverged.exit_status) from None
         except KeyboardInterrupt:
             print("interrupted: stopped at once, without saving", file=sys.stderr)
             raise SystemExit(128 + signal.SIGINT) from None

@@ -12,6 +12,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from diffusion.checkpoints import store as ckpt
+from diffusion.errors import UserError
 from diffusion.training.trainer import Trainer, train
 from tests.conftest import ROOT, TINY, tiny_config
 
@@ -170,3 +171,27 @@ def test_sigterm_during_a_checkpoint_write_still_stops_with_the_interrupted_line
     assert not (tmp_path / "final").exists()
     out = capsys.readouterr().out
     assert f"interrupted by SIGTERM at step 2: saved {tmp_path / 'checkpoints' / 'step-000002'}" in out
+
+
+def test_a_diverging_run_stops_and_never_saves_non_finite_weights(tmp_path, capsys):
+    """lr=1e8 without clipping: the loss turns non-finite; the run stops within log_every steps with one
+    line and exit status 3, every checkpoint it left is finite, and sample.py refuses non-finite weights."""
+    import train as train_cli
+
+    from diffusion.checkpoints.load import load_model
+
+    with pytest.raises(SystemExit) as stopped:
+        train_cli.main(["configs/shapes.yaml", *TINY, f"output_dir={tmp_path}", "train.lr=1e8", "train.grad_clip=0",
+                        "train.warmup_steps=0", "train.max_steps=40", "train.checkpoint_every=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 3 and "diverged" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "final").exists()
+    for saved in ckpt.list_checkpoints(tmp_path):
+        assert all(torch.isfinite(v).all() for v in load_file(str(saved / ckpt.EMA_FILE)).values())
+    broken = ckpt.list_checkpoints(tmp_path)[-1]
+    weights = load_file(str(broken / ckpt.EMA_FILE))
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    ckpt.write_weights(broken / ckpt.EMA_FILE, weights)
+    with pytest.raises(UserError, match="non-finite"):
+        load_model(broken)

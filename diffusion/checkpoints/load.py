@@ -36,6 +36,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     problem = store.describe_mismatch(model.state_dict(), weights)
     if problem:
         raise UserError(f"{directory / store.EMA_FILE} does not fit the model its {store.CONFIG_FILE} describes: {problem}")
+    broken = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise UserError(f"{directory / store.EMA_FILE} holds non-finite weights ({broken[0]} and {len(broken) - 1} more): "
+                        "its run diverged; use an earlier checkpoint (RUN/checkpoints/step-N)")
     model.load_state_dict(weights)
     model.eval().requires_grad_(False).to(device)
     return LoadedModel(cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(device), store.read_info(directory), directory)

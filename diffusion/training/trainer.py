@@ -5,6 +5,7 @@ Follows diffusers' train_unconditional.py: one Accelerator drives CPU, one GPU o
 """
 from __future__ import annotations
 
+import math
 import pickle
 import signal
 import time
@@ -21,7 +22,7 @@ from ..checkpoints.init_from import initialise_from
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
-from ..errors import Interrupted, UserError, first_line
+from ..errors import Diverged, Interrupted, UserError, first_line
 from .logger import MetricLogger
 from .preflight import preflight
 from .tasks import Task, build_task
@@ -114,7 +115,15 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def check_finite(self, what: str) -> None:
+        """Refuse to save or export weights with a NaN or inf (so the last finite checkpoint is kept)."""
+        params = [*self.core.parameters(), *self.ema.shadow_params]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise Diverged(f"the weights are not finite at step {self.state.step}: training diverged, so no {what} "
+                           "was written; lower train.lr or set train.grad_clip, and resume from the last checkpoint")
+
     def save_checkpoint(self) -> Path:
+        self.check_finite("checkpoint")
         final = ckpt.checkpoint_root(self.run_dir) / f"step-{self.state.step:06d}"
         tmp = final.with_name(f".tmp-{final.name}")
         self.accelerator.save_state(str(tmp / "accelerate"))
@@ -205,6 +214,9 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                     elapsed = time.perf_counter() - tick
                     mean_loss = (acc.gather(loss_sum).sum() / (loss_count * acc.num_processes)).item()
+                    if not math.isfinite(mean_loss):
+                        raise Diverged(f"the loss is {mean_loss} at step {step}: training diverged; the last saved "
+                                       f"checkpoint is {saved}; lower train.lr or set train.grad_clip and resume from it")
                     metrics = {"loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
                                "images_per_sec": images_per_step * (step - tick_step) / elapsed}
                     self.logger.log(step, metrics)
@@ -232,6 +244,7 @@ class Trainer:
 
     def export(self) -> None:
         """Final EMA model, as a checkpoint sample.py reads and in plain-diffusers format."""
+        self.check_finite("final model")
         final = self.run_dir / "final"
         tmp = final.with_name(".tmp-final")
         tmp.mkdir(parents=True, exist_ok=True)
