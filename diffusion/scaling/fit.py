@@ -32,6 +32,7 @@ class PowerLawFit:
     n_points: int
     x_range: tuple[float, float]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% bootstrap intervals
+    boot: list[dict[str, float]] = field(default_factory=list, repr=False)  # bootstrap refits
 
     def predict(self, x: np.ndarray | float) -> np.ndarray:
         return self.E + self.A * np.asarray(x, dtype=float) ** -self.alpha
@@ -55,6 +56,7 @@ class JointFit:
     n_range: tuple[float, float]
     d_range: tuple[float, float]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    boot: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     def predict(self, n: np.ndarray | float, d: np.ndarray | float) -> np.ndarray:
         n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
@@ -89,19 +91,19 @@ def _best_least_squares(residual: Callable, starts: Sequence[np.ndarray], lower:
     return best.x
 
 
-def _bootstrap(n: int, refit: Callable[[np.ndarray], dict[str, float]], n_boot: int, seed: int) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals of each refit parameter over resampled point indices."""
-    if n_boot <= 0:
-        return {}
+def _bootstrap(n: int, refit: Callable[[np.ndarray], dict[str, float]], n_boot: int, seed: int
+               ) -> tuple[dict[str, tuple[float, float]], list[dict[str, float]]]:
+    """95% percentile intervals of each refit parameter over resampled point indices, and the refits."""
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n_boot):
+    samples = []
+    for _ in range(max(n_boot, 0)):
         idx = rng.integers(0, n, n)
-        if len(np.unique(idx)) < 3:
-            continue
-        for key, value in refit(idx).items():
-            draws.setdefault(key, []).append(value)
-    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+        if len(np.unique(idx)) >= 3 and (params := refit(idx)):
+            samples.append(params)
+    keys = samples[0].keys() if samples else ()
+    ci = {k: (float(np.percentile([s[k] for s in samples], 2.5)), float(np.percentile([s[k] for s in samples], 97.5)))
+          for k in keys}
+    return ci, samples
 
 
 # -- L(x) = E + A x^-alpha --------------------------------------------------------------------
@@ -140,7 +142,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], n_boot: int = 100, see
 
     fit = PowerLawFit(E, A, alpha, 0.0, len(x), (float(x.min()), float(x.max())))
     fit.r2 = _r2(np.log(y), np.log(fit.predict(x)))
-    fit.ci = _bootstrap(len(x), refit, n_boot, seed)
+    fit.ci, fit.boot = _bootstrap(len(x), refit, n_boot, seed)
     return fit
 
 
@@ -197,7 +199,7 @@ def fit_joint_law(n: Sequence[float], d: Sequence[float], y: Sequence[float], n_
     fit = JointFit(**params, r2=0.0, n_points=len(y), n_range=(float(n.min()), float(n.max())),
                    d_range=(float(d.min()), float(d.max())))
     fit.r2 = _r2(np.log(y), np.log(fit.predict(n, d)))
-    fit.ci = _bootstrap(len(y), refit, n_boot, seed)
+    fit.ci, fit.boot = _bootstrap(len(y), refit, n_boot, seed)
     return fit
 
 
@@ -290,7 +292,7 @@ def isoflop_fit(curves: Sequence[tuple[float, Sequence[float], Sequence[float]]]
             return {}
         return {"a": float(np.polyfit(log_c[idx], log_n[idx], 1)[0])}
 
-    ci = _bootstrap(len(kept), refit, n_boot, seed) if len(kept) >= 3 else {}
+    ci = _bootstrap(len(kept), refit, n_boot, seed)[0] if len(kept) >= 3 else {}
     return IsoFlopResult(kept, pts, parabolas, n_opt, l_opt, float(a), float(np.exp(b)), ci)
 
 
