@@ -70,7 +70,7 @@ def test_validation_loss_deterministic_and_lower_when_trained(tmp_path):
 
     data = build_dataset(cfg.data)
     images = torch.stack([data[i]["image"] for i in range(32)])
-    for step in range(30):
+    for step in range(20):
         loss, _ = task.loss(model, model, {"image": images[(step % 4) * 8:(step % 4 + 1) * 8]})
         opt.zero_grad()
         loss.backward()
@@ -94,3 +94,34 @@ def test_sweep_skips_finished_and_resumes_killed(tmp_path):
     assert [r["step"] for r in rows] == [2, 4] and all(r["run"] == point.name for r in rows)
     assert run_point(sweep, point) == "skipped"
     assert (tmp_path / "runs" / "sweep.csv").is_file()
+
+
+@pytest.mark.slow
+def test_fit_and_predict_cli_on_synthetic_sweep(tmp_path, capsys):
+    """fit writes fits.json, summary.md and plots; predict answers; a target below E exits with status 2."""
+    import numpy as np
+
+    from diffusion.scaling.cli import main
+
+    rng = np.random.default_rng(1)
+    for n in (7e4, 1.6e5, 2.9e5, 6.4e5, 1.1e6, 2.6e6):
+        d = tmp_path / f"n{n:g}" / "scaling"
+        d.mkdir(parents=True)
+        meta = {"run": f"n{n:g}", "values": {"model.base_channels": int(n)}, "params": int(n), "dataset_size": 50000,
+                "forward_flops": 107 * n, "max_steps": 600}
+        (d / "meta.json").write_text(json.dumps(meta))
+        rows = []
+        for s in (25, 50, 100, 200, 400, 600):
+            loss = (0.03 + 8 * n**-0.3 + 30 * (32 * s) ** -0.4) * np.exp(rng.normal(0, 0.003))
+            rows.append(json.dumps({"step": s, "images_seen": 32 * s, "flops": 3 * 107 * n * 32 * s, "wall_s": s,
+                                    "train_loss": loss, "val_loss": loss}))
+        (d / "evals.jsonl").write_text("\n".join(rows) + "\n")
+    main(["fit", str(tmp_path), "--holdout", "largest", "--n-boot", "5"])
+    fits = json.loads((tmp_path / "fits.json").read_text())
+    assert "alpha" in fits["L_N"] and "relative_error" in fits["holdout"]["L_N"]
+    assert (tmp_path / "loss_vs_params.png").is_file() and (tmp_path / "summary.md").is_file()
+    main(["predict", str(tmp_path), "--target-loss", "0.5"])
+    assert "training FLOPs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        main(["predict", str(tmp_path), "--target-loss", "0.001"])
+    assert err.value.code == 2
