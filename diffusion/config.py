@@ -91,6 +91,8 @@ class DataConfig:
     shapes_size: int = 10000  # number of distinct procedural images
     shapes_seed: int = 0
     celeba_attributes: list[str] = field(default_factory=list)  # class label = bits of these attributes
+    subset_size: int = 0  # >0: train on a seeded subset of this many images; smaller ones nest in larger ones
+    subset_seed: int = 0
 
 
 @dataclass

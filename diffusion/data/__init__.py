@@ -8,11 +8,21 @@ from .celeba import CelebA
 from .cifar import Cifar10
 from .imagefolder import ImageFolder
 from .shapes import ShapesDataset
+from .subset import NestedSubset
 
 
 def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data.Dataset:
-    """The dataset named by `cfg.name`; it has `num_classes` and `class_names`."""
-    split = split or cfg.split
+    """The dataset named by `cfg.name`; it has `num_classes` and `class_names`.
+
+    Without `split` this is the training set as configured: `data.subset_size` > 0 keeps a seeded,
+    nested subset of `cfg.split` (see `subset.py`). An explicit split is always whole.
+    """
+    if split is None and cfg.subset_size > 0:
+        return NestedSubset(_build_split(cfg, cfg.split), cfg.subset_size, cfg.subset_seed)
+    return _build_split(cfg, split or cfg.split)
+
+
+def _build_split(cfg: DataConfig, split: str) -> torch.utils.data.Dataset:
     if cfg.name == "shapes":
         return ShapesDataset(cfg.resolution, cfg.shapes_size, cfg.shapes_seed, split)
     if cfg.name == "cifar10":

@@ -66,8 +66,10 @@ def warmup_lr(cfg: Config, step: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, log: bool = True):
+    def __init__(self, cfg: Config, resume: str | None = None, log: bool = True, on_step=None):
+        """`on_step(trainer, loss)`, if given, runs after every optimizer step (e.g. scaling-law evaluations)."""
         self.cfg = cfg
+        self.on_step = on_step
         self.run_dir = Path(cfg.output_dir)
         self.resume_from = preflight(cfg, resume)
         self.accelerator = Accelerator(
@@ -211,6 +213,8 @@ class Trainer:
                 self.state.step += 1
                 bar.update(1)
                 step = self.state.step
+                if self.on_step is not None:
+                    self.on_step(self, loss)
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                     elapsed = time.perf_counter() - tick
                     mean_loss = (acc.gather(loss_sum).sum() / (loss_count * acc.num_processes)).item()
