@@ -1,3 +1,5 @@
+"""python -m diffusion.scaling sweep|fit|predict ..."""
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

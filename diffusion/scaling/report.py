@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .fit import (IsoFlopResult, JointFit, PowerLawFit, fit_frontier, fit_joint_law, fit_power_law, flag_outliers,
+from .fit import (JointFit, PowerLawFit, fit_frontier, fit_joint_law, fit_power_law, flag_outliers,
                   isoflop_fit)
 
 

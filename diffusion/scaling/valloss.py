@@ -13,7 +13,7 @@ import torch
 
 from ..config import Config
 from ..data.subset import nested_subset_indices
-from ._schedule import build_train_scheduler, training_target
+from ..sampling.schedule import build_train_scheduler, training_target
 
 
 @dataclass
