@@ -1,6 +1,8 @@
 """Diffusion upsamplers: low-res channels, noise augmentation, init_from widening, the cascade and --low-res."""
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from diffusion.cli.sample import main as sample_main
 from diffusion.conditioning import upsample as up
 from diffusion.config import DiffusionConfig, ModelConfig, UpsampleConfig, save_config
 from diffusion.data import build_dataset
+from diffusion.evaluate.upsample import high_frequency_power
 from diffusion.models import Denoiser
 from diffusion.sampling.schedule import NoiseSchedule
 from diffusion.training.trainer import train
@@ -151,3 +154,21 @@ def test_bad_input_exits_2_with_one_line(tiny_run, up_run, tmp_path, capsys):
     _one_line_exit_2(["--checkpoint", str(up_run), "--out", str(tmp_path)], capsys, "--low-res")
     with pytest.raises(Exception, match="cannot both"):
         tiny_config(tmp_path, "model.inpaint=true", "model.upsample=true")
+
+
+def test_evaluate_upsample_writes_the_table_and_grid(up_run, tmp_path, capsys):
+    from diffusion.evaluate.__main__ import main as evaluate_main
+
+    out = tmp_path / "eval"
+    evaluate_main(["upsample", "--checkpoint", str(up_run), "--num-images", "3", "--steps", "2",
+                   "--aug-levels", "0,0.5", "--out", str(out)])
+    rows = list(csv.DictReader(open(out / "upsample.csv")))
+    assert [r["method"] for r in rows] == ["bicubic", "bilinear", "diffusion", "diffusion"]
+    bicubic = rows[0]
+    assert float(bicubic["detail"]) < 1 and float(bicubic["consistency_psnr"]) > 20  # blurry but consistent
+    assert (out / "upsample.md").is_file() and Image.open(out / "upsample_grid.png").size[0] > 16 * 5
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.allclose(high_frequency_power(image), high_frequency_power(image.clone()))
+    with pytest.raises(SystemExit):
+        evaluate_main(["upsample", "--checkpoint", str(up_run), "--aug-levels", "2", "--out", str(out)])
+    assert "--aug-levels" in capsys.readouterr().err
