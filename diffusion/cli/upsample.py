@@ -86,6 +86,8 @@ def check_chain(base: LoadedModel, upsampler: LoadedModel, path: str) -> None:
 
 
 class UpsampleFeature:
+    low: torch.Tensor  # --low-res, read in `variants`
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("upsampling")
         group.add_argument("--upsampler", default=None, metavar="UP_RUN",
@@ -115,11 +117,9 @@ class UpsampleFeature:
             raise UserError("--checkpoint is an upsampler: give the base model as --checkpoint and this one as --upsampler")
         if args.low_res is None:
             raise UserError("this checkpoint is an upsampler: pass --low-res IMAGE, or use it as --upsampler of a base")
-        level = aug_level(args, loaded)
-        low = load_low_res(args.low_res, up.low_resolution(loaded.cfg))
-        cond = up.sampling_condition(low, loaded.cfg, loaded.schedule, level, seed=0)
-        meta = {"low_res": str(args.low_res), "aug_level": str(level)}
-        return [item.but(cond={**item.cond, **cond}, meta={**item.meta, **meta}) for item in variants]
+        self.low = load_low_res(args.low_res, up.low_resolution(loaded.cfg))  # conditions: see extend
+        meta = {"low_res": str(args.low_res), "aug_level": str(aug_level(args, loaded))}
+        return [item.but(meta={**item.meta, **meta}) for item in variants]
 
     def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
         out = Path(args.out)
@@ -130,8 +130,7 @@ class UpsampleFeature:
             self._cascade(args, loaded, plan, out, position)
 
     def _beside_low_res(self, args, loaded, plan, out: Path, position: dict[int, int]) -> None:
-        level = aug_level(args, loaded)
-        low = load_low_res(args.low_res, up.low_resolution(loaded.cfg))
+        level, low = aug_level(args, loaded), self.low
         for item in plan.items:  # the augmentation noise follows each sample's seed
             item.cond.update(up.sampling_condition(low, loaded.cfg, loaded.schedule, level, item.seed))
         bicubic = up.resample(low, loaded.cfg.data.resolution, "bicubic").clamp(-1, 1)[0]
