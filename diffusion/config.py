@@ -126,6 +126,7 @@ class ModelConfig:
     dropout: float = 0.0
     scale_shift_norm: bool = True
     inpaint: bool = False
+    upsample: bool = False  # a diffusion upsampler: 3 extra input channels (the upsampled low-res image)
     text: TextConfig = field(default_factory=TextConfig)
     # Classifier and CLIP tasks reuse base_channels/channel_mult/... for their encoders.
     pool: str = "attention"  # attention | mean (classifier head)
@@ -199,6 +200,25 @@ class InpaintConfig:
 
 
 @dataclass
+class UpsampleConfig:
+    """Diffusion upsamplers (model.upsample: true): data.resolution is the high resolution.
+
+    Low-res inputs are made from the real image on the fly: downsampled by `factor` (`downsample`),
+    quantised to 8 bits, then interpolated back up (`upsample`) and concatenated to x_t. Noise
+    augmentation: during training the upsampled low-res is noised to a level drawn uniformly from
+    `aug_noise` (fractions of diffusion.num_train_timesteps; 0 = clean), with the model's own
+    alpha_bar table, and the model is told the level. `aug_level` is the sampling default.
+    """
+
+    factor: int = 4
+    downsample: str = "area"  # area | bicubic | bilinear
+    upsample: str = "bilinear"  # bilinear | bicubic | nearest
+    aug_noise: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    aug_level: float = 0.1
+    quantise: bool = True
+
+
+@dataclass
 class Config:
     task: str = "denoiser"  # denoiser | classifier | clip
     output_dir: str = "runs/default"
@@ -209,6 +229,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    upsample: UpsampleConfig = field(default_factory=UpsampleConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -221,6 +242,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "sample.sampler": ("ddpm", "ddim", "dpmsolver"),
+    "upsample.downsample": ("area", "bicubic", "bilinear"),
+    "upsample.upsample": ("bilinear", "bicubic", "nearest"),
 }
 
 
@@ -390,7 +413,22 @@ def validate(cfg: Config) -> Config:
             f"data.resolution={res} is not divisible by 2^{len(mult) - 1} "
             "(one halving per extra model.channel_mult level)"
         )
+    if cfg.model.upsample:
+        check_upsample(cfg)
     return cfg
+
+
+def check_upsample(cfg: Config) -> None:
+    """Refuse upsampler settings that cannot work (one line each)."""
+    up = cfg.upsample
+    if cfg.model.inpaint:
+        raise UserError("model.inpaint and model.upsample cannot both be on: train an in-painting model or an upsampler")
+    if up.factor < 2 or cfg.data.resolution % up.factor:
+        raise UserError(f"upsample.factor must be >= 2 and divide data.resolution={cfg.data.resolution}; got {up.factor}")
+    if len(up.aug_noise) != 2 or not 0.0 <= up.aug_noise[0] <= up.aug_noise[1] <= 1.0:
+        raise UserError(f"upsample.aug_noise must be [low, high] with 0 <= low <= high <= 1; got {up.aug_noise}")
+    if not 0.0 <= up.aug_level <= 1.0:
+        raise UserError(f"upsample.aug_level must be in [0, 1]; got {up.aug_level}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

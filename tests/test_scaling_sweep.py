@@ -54,7 +54,6 @@ def test_subsets_nested_and_seeded():
 
 def test_validation_loss_deterministic_and_lower_when_trained(tmp_path):
     from diffusion.models import build_denoiser
-    from diffusion.sampling.schedule import build_train_scheduler
     from diffusion.scaling.valloss import ValLossConfig, build_valset, validation_loss
     from diffusion.training.tasks import DenoiserTask
 

@@ -1,9 +1,10 @@
 """Start a run from a trained checkpoint's EMA weights (`init_from: PATH` in the config).
 
-Used to fine-tune an in-painting model from a base model, as GLIDE does: the U-Net's input
-convolution is widened for the extra channels (masked image + keep-mask), and the new input
-channels start at zero, so at step 0 the in-painting model predicts exactly what the base does.
-Every other parameter must have the same shape as in the base checkpoint.
+Used to fine-tune an in-painting model or an upsampler from a base model, as GLIDE does: the
+U-Net's input convolution is widened for the extra channels (masked image + keep-mask, or the
+upsampled low-res image), and the new input channels start at zero; an upsampler's level embedding,
+which the base lacks, keeps its zero-output initialisation. So at step 0 the new model predicts
+exactly what the base does. Every other parameter must have the same shape as in the base checkpoint.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..errors import UserError
 from . import store as ckpt
 
 INPUT_CONV = "unet.conv_in.weight"
+NEW_MODULES = ("level_embedding.",)  # parameters a base may lack; they keep their (zero-output) init
 # Settings the base and the new run must share for "step 0 = the base model" to hold; the weights'
 # shapes cannot show them (a U-Net runs at any resolution, under any schedule).
 MUST_MATCH = ("data.resolution", "diffusion.num_train_timesteps", "diffusion.beta_schedule",
@@ -60,12 +62,14 @@ def initialise_from(model: torch.nn.Module, path: str | Path, cfg: Config | None
         check_settings(ckpt.read_config(directory), cfg, path)
     base = ckpt.read_weights(directory)
     state = model.state_dict()
+    added = [k for k in state if k.startswith(NEW_MODULES) and k not in base]
+    base = {**base, **{k: state[k] for k in added}}
     problem = ckpt.describe_mismatch(state, base, fits=_fits_widened)
     if problem:
         raise UserError(
             f"init_from {path}: the checkpoint does not fit this model: {problem}. "
             f"Use the base run's model, data.resolution and condition settings ({directory / ckpt.CONFIG_FILE}); "
-            "only model.inpaint may differ"
+            "only model.inpaint and model.upsample may differ"
         )
     widened = [k for k in state if base[k].shape != state[k].shape]
     loaded = {k: widen_input(base[k], state[k]) if k in widened else base[k].to(state[k].dtype) for k in state}

@@ -1,7 +1,7 @@
 """The sample.py command line.
 
 Core options pick the checkpoint, sampler, seeds, guidance scale and precision. Each feature
-(class labels here; prompts, classifier and CLIP guidance, in-painting in this package) adds its own
+(class labels here; prompts, classifier and CLIP guidance, in-painting, upsampling in this package) adds its own
 options, turns the sample templates into more specific ones, then adds guidance terms, hooks or
 finishers to the plan. `FEATURES` lists them in the order they run: a later feature sees what an
 earlier one chose (classifier guidance keeps a class-conditional model's label; CLIP guidance needs
@@ -21,7 +21,7 @@ from ..errors import UserError, exit_on_user_error
 from ..sampling.images import save_grid, save_png
 from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
 from ..sampling.samplers import SAMPLERS
-from . import classifier, clip, inpaint, prompts
+from . import classifier, clip, inpaint, prompts, upsample
 
 
 class Feature(Protocol):
@@ -67,7 +67,7 @@ class ClassLabel:
 def features() -> list[Feature]:
     """Every sample.py feature, in the order they run (see the module docstring)."""
     return [ClassLabel(), prompts.TextPromptFeature(), classifier.ClassifierGuidanceFeature(), clip.ClipGuidance(),
-            inpaint.InpaintFeature()]
+            inpaint.InpaintFeature(), upsample.UpsampleFeature()]
 
 
 def build_parser(feature_list: list[Feature]) -> argparse.ArgumentParser:

@@ -119,7 +119,7 @@ class InpaintResult:
 def load_models(paths: DemoPaths) -> Models:
     """Load the denoiser(s) once; classifier and CLIP runs are loaded and checked here too."""
     if paths.upsampler:
-        raise UserError("--upsampler: this codebase has no upsampler task yet, so there is nothing to load")
+        raise UserError("--upsampler: the page has no Upscale tab yet; run the cascade with sample.py --checkpoint BASE --upsampler RUN")
     device = pick_device(paths.device)
     base = sample_cli.load_denoiser(paths.checkpoint, device)
     inpainter = sample_cli.load_denoiser(paths.inpaint_checkpoint, device) if paths.inpaint_checkpoint else base
@@ -291,7 +291,7 @@ def example_images(models: Models, side: int, count: int = 4) -> list[Path]:
 
 
 def upscale(models: Models, image: Image.Image, progress: Progress | None = None) -> Image.Image:
-    raise UserError("this codebase has no upsampler task yet")
+    raise UserError("the page has no Upscale tab yet: use sample.py --checkpoint BASE --upsampler RUN")
 
 
 __all__ = ["DemoPaths", "Models", "ModelInfo", "GenerateRequest", "Result", "InpaintResult", "SAMPLERS",

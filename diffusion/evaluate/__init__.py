@@ -8,4 +8,5 @@ COMMANDS: dict[str, str] = {
     "clip": "diffusion.evaluate.clip",
     "inpaint": "diffusion.evaluate.inpaint",
     "fid": "diffusion.evaluate.fid",
+    "upsample": "diffusion.evaluate.upsample",
 }

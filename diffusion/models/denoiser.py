@@ -12,6 +12,15 @@ as extra keys/values of its self-attention or through cross-attention; we use cr
 (padding masked out), and the exported U-Net loads in plain diffusers. The final token's
 embedding is projected by one linear layer and added to the timestep embedding, as in GLIDE:
 that is diffusers' `class_embed_type="simple_projection"`, fed the pooled text embedding.
+
+Upsamplers (model.upsample) read the bilinearly upsampled low-res image as 3 extra channels and
+the noise-augmentation level `aug_level` (B,) in 0..T (0 = clean low-res). The level is embedded
+like a timestep (sinusoidal features + MLP, `LevelEmbedding`) and added to the U-Net's timestep
+embedding through a forward hook on `unet.time_embedding`. That leaves diffusers' class-embedding
+slot to class labels (UNet2DModel) or the pooled caption (UNet2DConditionModel), so the level
+combines with either, and the U-Net's parameter names stay those of a base model (init_from). Its
+last layer starts at zero: a fresh level embedding changes nothing. The plain-diffusers export
+(`unet/`) does not include it.
 """
 from __future__ import annotations
 
@@ -19,12 +28,14 @@ import math
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from ..config import ModelConfig
 from .text import TextEncoder, empty_tokens_like, tokenize
 
 INPAINT_CHANNELS = 4  # masked RGB (known pixels, zeros elsewhere) + keep-mask
+UPSAMPLE_CHANNELS = 3  # the low-res image, upsampled to the model's resolution
 
 
 def unet_kwargs(cfg: ModelConfig, resolution: int) -> dict:
@@ -58,7 +69,21 @@ def cross_attention_kwargs(cfg: ModelConfig, resolution: int) -> dict:
 
 
 def extra_input_channels(cfg: ModelConfig) -> int:
-    return INPAINT_CHANNELS if cfg.inpaint else 0
+    return INPAINT_CHANNELS if cfg.inpaint else UPSAMPLE_CHANNELS if cfg.upsample else 0
+
+
+class LevelEmbedding(nn.Module):
+    """The noise-augmentation level (B,) as a vector added to the timestep embedding; zero at init."""
+
+    def __init__(self, features: int, width: int):
+        super().__init__()
+        self.proj = Timesteps(features, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.mlp = TimestepEmbedding(features, width)
+        nn.init.zeros_(self.mlp.linear_2.weight)
+        nn.init.zeros_(self.mlp.linear_2.bias)
+
+    def forward(self, level: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.proj(level).to(self.mlp.linear_1.weight.dtype))
 
 
 class Denoiser(nn.Module):
@@ -82,14 +107,23 @@ class Denoiser(nn.Module):
                 projection_class_embeddings_input_dim=cfg.text.width,
                 **cross_attention_kwargs(cfg, resolution),
             )
-            return
-        self.unet = UNet2DModel(
-            sample_size=resolution,
-            in_channels=3 + self.extra_channels,
-            out_channels=3,
-            num_class_embeds=num_classes + 1 if cfg.condition == "class" else None,
-            **unet_kwargs(cfg, resolution),
-        )
+        else:
+            self.unet = UNet2DModel(
+                sample_size=resolution,
+                in_channels=3 + self.extra_channels,
+                out_channels=3,
+                num_class_embeds=num_classes + 1 if cfg.condition == "class" else None,
+                **unet_kwargs(cfg, resolution),
+            )
+        self.upsample = cfg.upsample
+        self._level: torch.Tensor | None = None  # the level embedding of the current forward call
+        if self.upsample:
+            width = self.unet.time_embedding.linear_2.out_features
+            self.level_embedding = LevelEmbedding(self.unet.config.block_out_channels[0], width)
+            self.unet.time_embedding.register_forward_hook(self._add_level)
+
+    def _add_level(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return output if self._level is None else output + self._level.to(output.dtype)
 
     @property
     def null_label(self) -> int:
@@ -100,11 +134,25 @@ class Denoiser(nn.Module):
         return tokenize(captions, self.context_length)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                channels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+                channels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                aug_level: torch.Tensor | None = None) -> torch.Tensor:
         if self.extra_channels:
             if channels is None:
-                raise ValueError("this in-painting model needs `channels` (masked image + keep-mask)")
+                raise ValueError("this model needs `channels` (in-painting: masked image + keep-mask; "
+                                 "upsampler: the upsampled low-res image)")
             x = torch.cat([x, channels.to(x.dtype)], dim=1)
+        if not self.upsample:
+            return self._unet(x, t, labels, tokens)
+        if aug_level is None:
+            aug_level = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
+        self._level = self.level_embedding(aug_level.expand(x.shape[0]))
+        try:
+            return self._unet(x, t, labels, tokens)
+        finally:
+            self._level = None
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+              tokens: torch.Tensor | None) -> torch.Tensor:
         if self.condition == "text":
             if tokens is None:
                 tokens = self.tokenize([""] * x.shape[0]).to(x.device)

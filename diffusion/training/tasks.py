@@ -17,13 +17,14 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.store import named_weights
 from ..conditioning.inpaint.methods import training_channels
+from ..conditioning.upsample import training_condition
 from ..config import Config
 from ..evaluate import classifier as classifier_eval
 from ..evaluate import clip as clip_eval
 from ..evaluate.buckets import write_bucket_report
 from ..models import Denoiser, NoisyClassifier, NoisyCLIP, build_model
 from ..sampling.plan import preview_grid
-from ..sampling.schedule import build_train_scheduler, training_target
+from ..sampling.schedule import NoiseSchedule, build_train_scheduler, training_target
 
 
 class Task(Protocol):
@@ -46,6 +47,7 @@ class DenoiserTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.scheduler = build_train_scheduler(cfg.diffusion)
+        self.schedule = NoiseSchedule(self.scheduler.alphas_cumprod, cfg.diffusion.prediction_type)
 
     def build_model(self) -> Denoiser:
         return build_model(self.cfg)
@@ -54,7 +56,10 @@ class DenoiserTask:
         cond = core.condition_from_batch(batch)
         drop = torch.rand(x0.shape[0], device=x0.device) < self.cfg.model.cond_drop_prob
         cond = core.drop_condition(cond, drop)
-        if core.extra_channels:  # in-painting: masked image + keep-mask
+        if core.upsample:  # the dataset's low-res input, upsampled and noise-augmented
+            self.schedule = self.schedule.to(x0.device)
+            cond.update(training_condition(batch["low_res"].to(x0.device), self.cfg, self.schedule))
+        elif core.extra_channels:  # in-painting: masked image + keep-mask
             cond["channels"] = training_channels(x0, self.cfg)
         return cond
 

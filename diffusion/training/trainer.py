@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import store as ckpt
 from ..checkpoints.init_from import initialise_from
+from ..conditioning.upsample import with_low_res
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
@@ -81,7 +82,7 @@ class Trainer:
         )
         set_seed(cfg.train.seed, device_specific=True)
         use_fast_cuda_math(self.accelerator.device, cfg.train.allow_tf32)
-        dataset = build_dataset(cfg.data)
+        dataset = with_low_res(build_dataset(cfg.data), cfg)  # upsamplers: items carry their low-res input
         self.state = ckpt.TrainState(class_names=resolve_dataset_info(cfg, dataset))
         self.task: Task = build_task(cfg)
         model = self.task.build_model()

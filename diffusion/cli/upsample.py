@@ -1,0 +1,174 @@
+"""sample.py feature: diffusion upsamplers, as a cascade or on a user's image.
+
+- `--checkpoint BASE --upsampler UP_RUN`: the base samples as usual, then each sample is
+  upsampled with the same seed and the same class or caption. `sample_NNNN.png` is the high-res
+  result and `lowres_NNNN.png` the base sample; both carry the settings of both stages
+  (the upsampler's under `upsampler_*` keys). `--upsampler-sampler/-steps/-guidance-scale` set the
+  second stage (default: the upsampler run's config).
+- `--checkpoint UP_RUN --low-res photo.png`: super-resolves one image, resized (short side) and
+  centre-cropped to the model's low resolution; `bicubic_NNNN.png` (the bicubic upsample of the
+  same input) and `lowres_NNNN.png` are written beside each sample.
+`--aug-level L` (a fraction of the training timesteps in [0, 1], 0 = clean) noises the upsampled
+low-res input as in training (default: the upsampler's `upsample.aug_level`).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.load import LoadedModel, load_model
+from ..conditioning import upsample as up
+from ..data.common import image_transform, load_rgb
+from ..device import default_precision, prepare_for_sampling
+from ..errors import UserError
+from ..sampling.images import save_png
+from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
+from ..sampling.samplers import SAMPLERS
+
+
+def is_upsampler(loaded: LoadedModel) -> bool:
+    return bool(getattr(loaded.cfg.model, "upsample", False))
+
+
+def load_low_res(path: str | Path, resolution: int) -> torch.Tensor:
+    """(1, 3, r, r) in [-1, 1]: any image PIL reads (RGBA and odd sizes too), resized and centre-cropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--low-res not found: {path}")
+    try:
+        image = load_rgb(path)
+    except UserError:
+        raise UserError(f"--low-res {path} is not an image PIL can read (PNG, JPEG, ...)") from None
+    return up.quantise(image_transform(resolution, hflip=False)(image).unsqueeze(0))
+
+
+def aug_level(args: argparse.Namespace, loaded: LoadedModel) -> int:
+    fraction = loaded.cfg.upsample.aug_level if args.aug_level is None else args.aug_level
+    if not 0.0 <= fraction <= 1.0:
+        raise UserError(f"--aug-level is a fraction of the training timesteps in [0, 1] (0 = clean); got {fraction}")
+    return up.level_index(fraction, loaded.schedule.num_train_timesteps)
+
+
+def stage_condition(item: SampleItem, upsampler: LoadedModel) -> dict[str, torch.Tensor]:
+    """The upsampler's own class or caption condition for a base item (its label or prompt)."""
+    model = upsampler.model
+    condition = getattr(model, "condition", "none")
+    if condition == "class":
+        label = item.label if item.label is not None else model.null_label
+        return {"labels": torch.tensor([label])}
+    if condition == "text":
+        return {"tokens": model.tokenize(item.prompt or "")}
+    return {}
+
+
+def upsample_items(low: torch.Tensor, items: list[SampleItem], upsampler: LoadedModel, level: int) -> list[SampleItem]:
+    """Upsampler items for low-res images (N, 3, r, r): same seeds, labels and prompts as `items`."""
+    cfg, schedule = upsampler.cfg, upsampler.schedule
+    out = []
+    for image, item in zip(low, items):
+        cond = {**stage_condition(item, upsampler),
+                **up.sampling_condition(up.quantise(image.unsqueeze(0)), cfg, schedule, level, item.seed)}
+        out.append(SampleItem(seed=item.seed, cond=cond, label=item.label, prompt=item.prompt))
+    return out
+
+
+def check_chain(base: LoadedModel, upsampler: LoadedModel, path: str) -> None:
+    """Refuse an upsampler whose low resolution is not the base's resolution, or one that is not an upsampler."""
+    if not is_upsampler(upsampler):
+        raise UserError(f"--upsampler {path} is not an upsampler (its config has model.upsample: false)")
+    low, res = up.low_resolution(upsampler.cfg), base.cfg.data.resolution
+    if low != res:
+        raise UserError(f"the base makes {res}px samples but the upsampler {path} expects {low}px inputs "
+                        f"({upsampler.cfg.data.resolution}px / factor {upsampler.cfg.upsample.factor}): "
+                        "pick a pair whose resolutions chain")
+
+
+class UpsampleFeature:
+    low: torch.Tensor  # --low-res, read in `variants`
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("upsampling")
+        group.add_argument("--upsampler", default=None, metavar="UP_RUN",
+                           help="cascade: upsample every base sample with this upsampler run or checkpoint")
+        group.add_argument("--upsampler-sampler", choices=SAMPLERS, default=None, help="default: the upsampler's config")
+        group.add_argument("--upsampler-steps", type=int, default=None, help="default: the upsampler's config")
+        group.add_argument("--upsampler-guidance-scale", type=float, default=None,
+                           help="CFG scale of the second stage (default: the upsampler's config)")
+        group.add_argument("--aug-level", type=float, default=None, metavar="L",
+                           help="noise level of the low-res input, a fraction of the training timesteps in [0, 1] "
+                                "(0 = clean; default: the upsampler's upsample.aug_level)")
+        group.add_argument("--low-res", default=None, metavar="IMAGE",
+                           help="super-resolve this image with an upsampler --checkpoint")
+
+    def variants(self, args, loaded, variants):
+        if args.upsampler is not None and args.low_res is not None:
+            raise UserError("--upsampler (cascade from a base) and --low-res (an upsampler on your image) exclude each other")
+        if args.upsampler_steps is not None and args.upsampler_steps <= 0:
+            raise UserError(f"--upsampler-steps must be positive, got {args.upsampler_steps}")
+        if not is_upsampler(loaded):
+            if args.low_res is not None:
+                raise UserError(f"--low-res needs an upsampler --checkpoint (model.upsample: true); {loaded.path} is not one")
+            if args.aug_level is not None and args.upsampler is None:
+                raise UserError("--aug-level needs --upsampler UP_RUN or an upsampler --checkpoint")
+            return variants
+        if args.upsampler is not None:
+            raise UserError("--checkpoint is an upsampler: give the base model as --checkpoint and this one as --upsampler")
+        if args.low_res is None:
+            raise UserError("this checkpoint is an upsampler: pass --low-res IMAGE, or use it as --upsampler of a base")
+        self.low = load_low_res(args.low_res, up.low_resolution(loaded.cfg))  # conditions: see extend
+        meta = {"low_res": str(args.low_res), "aug_level": str(aug_level(args, loaded))}
+        return [item.but(meta={**item.meta, **meta}) for item in variants]
+
+    def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
+        out = Path(args.out)
+        position = {id(item): index for index, item in enumerate(plan.items)}
+        if is_upsampler(loaded):
+            self._beside_low_res(args, loaded, plan, out, position)
+        elif args.upsampler is not None:
+            self._cascade(args, loaded, plan, out, position)
+
+    def _beside_low_res(self, args, loaded, plan, out: Path, position: dict[int, int]) -> None:
+        level, low = aug_level(args, loaded), self.low
+        for item in plan.items:  # the augmentation noise follows each sample's seed
+            item.cond.update(up.sampling_condition(low, loaded.cfg, loaded.schedule, level, item.seed))
+        bicubic = up.resample(low, loaded.cfg.data.resolution, "bicubic").clamp(-1, 1)[0]
+
+        def write_baselines(images: torch.Tensor, items: list[SampleItem]) -> torch.Tensor:
+            for item in items:
+                index = position[id(item)]
+                save_png(bicubic, out / f"bicubic_{index:04d}.png", {**item.meta, "method": "bicubic"})
+                save_png(low[0], out / f"lowres_{index:04d}.png", {**item.meta, "method": "input"})
+            return images
+
+        plan.finishers.append(write_baselines)
+
+    def _cascade(self, args, loaded, plan, out: Path, position: dict[int, int]) -> None:
+        upsampler = load_model(args.upsampler, loaded.device)
+        if upsampler.cfg.task != "denoiser":
+            raise UserError(f"--upsampler {args.upsampler} is a {upsampler.cfg.task} checkpoint, not an upsampler")
+        check_chain(loaded, upsampler, args.upsampler)
+        prepare_for_sampling(upsampler.model, loaded.device)
+        level = aug_level(args, upsampler)
+        sampler = args.upsampler_sampler or upsampler.cfg.sample.sampler
+        steps = args.upsampler_steps or upsampler.cfg.sample.steps
+        scale = (upsampler.cfg.sample.guidance_scale if args.upsampler_guidance_scale is None
+                 else args.upsampler_guidance_scale)
+        if scale < 0:
+            raise UserError(f"--upsampler-guidance-scale must be >= 0, got {scale}")
+        settings = SamplerSettings(sampler, steps, scale, args.batch_size, args.dtype or default_precision(loaded.device))
+        stage = {f"upsampler_{k}": v for k, v in settings.meta().items()}
+        stage.update(upsampler_checkpoint=str(upsampler.path), aug_level=str(level))
+
+        def second_stage(images: torch.Tensor, items: list[SampleItem]) -> torch.Tensor:
+            """Upsample one batch of base samples; write them as lowres_NNNN.png, return the high-res ones."""
+            low = images.float().cpu()
+            stage_plan = SamplingPlan(upsample_items(low, items, upsampler, level), cfg=plan.cfg)
+            high = run_plan(upsampler, stage_plan, settings, bar=False)
+            for image, item in zip(low, items):
+                item.meta.update(stage)
+                save_png(image, out / f"lowres_{position[id(item)]:04d}.png", item.meta)
+            return high.to(images.device)
+
+        plan.finishers.append(second_stage)

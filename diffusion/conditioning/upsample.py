@@ -1,0 +1,106 @@
+"""Diffusion upsamplers: low-res inputs, their channels and noise-conditioning augmentation.
+
+As in GLIDE and guided-diffusion's SuperResModel, the low-res image (made from the real one with
+area resampling, then quantised to 8 bits) is interpolated back up (bilinear, align_corners=False)
+and fed as 3 extra input channels. As in Cascaded Diffusion Models / Imagen / DeepFloyd IF, those
+channels are noised to an augmentation level with the model's own alpha_bar table, and the model is
+told the level (`aug_level`, see diffusion/models/denoiser.py).
+
+Levels: an integer L in 0..T (T = diffusion.num_train_timesteps). L = 0 is the clean low-res;
+L >= 1 noises it as training timestep L - 1 does x_0: sqrt(ab) low + sqrt(1 - ab) noise. On the
+command line and in the config a level is a fraction of T in [0, 1] (0.25 = DeepFloyd's 250/1000).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, UpsampleConfig
+from ..errors import UserError
+from ..sampling.schedule import NoiseSchedule
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] rounded to the 256 levels an 8-bit PNG holds."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def resample(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """(B, C, H, W) to (B, C, size, size); bilinear and bicubic without corner alignment."""
+    if mode == "area" or mode == "nearest":
+        return F.interpolate(images, size=(size, size), mode=mode)
+    antialias = size < images.shape[-1]
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False, antialias=antialias)
+
+
+def low_resolution(cfg: Config) -> int:
+    return cfg.data.resolution // cfg.upsample.factor
+
+
+def make_low_res(images: torch.Tensor, cfg: UpsampleConfig) -> torch.Tensor:
+    """The low-res inputs of high-res images (B, 3, R, R): downsampled by `factor`, quantised if asked."""
+    low = resample(images, images.shape[-1] // cfg.factor, cfg.downsample).clamp(-1, 1)
+    return quantise(low) if cfg.quantise else low
+
+
+def upsample_channels(low: torch.Tensor, resolution: int, cfg: UpsampleConfig) -> torch.Tensor:
+    """The model's extra input channels: the low-res image interpolated up to `resolution`."""
+    return resample(low, resolution, cfg.upsample)
+
+
+def level_index(fraction: float, num_train_timesteps: int) -> int:
+    """A level given as a fraction of T in [0, 1] as the integer level 0..T."""
+    if not 0.0 <= fraction <= 1.0:
+        raise UserError(f"the aug level is a fraction of the training timesteps in [0, 1] (0 = clean); got {fraction}")
+    return round(fraction * num_train_timesteps)
+
+
+def augment(channels: torch.Tensor, level: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor) -> torch.Tensor:
+    """Noise the channels to integer levels (B,): level 0 leaves them clean."""
+    ab = schedule.alpha_bar(level.to(schedule.device) - 1).to(channels.device, channels.dtype)
+    return ab.sqrt() * channels + (1 - ab).sqrt() * noise
+
+
+def training_condition(low: torch.Tensor, cfg: Config, schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
+    """`channels` and `aug_level` for one training batch of low-res images, levels uniform in aug_noise."""
+    T = schedule.num_train_timesteps
+    lo, hi = (level_index(f, T) for f in cfg.upsample.aug_noise)
+    level = torch.randint(lo, hi + 1, (low.shape[0],), device=low.device)
+    channels = upsample_channels(low, cfg.data.resolution, cfg.upsample)
+    return {"channels": augment(channels, level, schedule, torch.randn_like(channels)), "aug_level": level}
+
+
+def sampling_condition(low: torch.Tensor, cfg: Config, schedule: NoiseSchedule, level: int,
+                       seed: int) -> dict[str, torch.Tensor]:
+    """`channels` and `aug_level` for one low-res image (1, 3, r, r); the augmentation noise comes from `seed`."""
+    channels = upsample_channels(low.float(), cfg.data.resolution, cfg.upsample)
+    noise = torch.randn(channels.shape, generator=torch.Generator().manual_seed(int(seed) + 7919))
+    level_t = torch.tensor([level])
+    return {"channels": augment(channels, level_t, schedule.to("cpu"), noise), "aug_level": level_t}
+
+
+class WithLowRes(torch.utils.data.Dataset):
+    """A dataset whose items also carry "low_res" (3, r, r), made from their high-res image on the fly."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, cfg: UpsampleConfig):
+        self.dataset, self.cfg = dataset, cfg
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        item["low_res"] = make_low_res(item["image"].unsqueeze(0), self.cfg)[0]
+        return item
+
+    def __getattr__(self, name: str) -> Any:  # num_classes, class_names, ...
+        if name in ("dataset", "cfg"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def with_low_res(dataset: torch.utils.data.Dataset, cfg: Config) -> torch.utils.data.Dataset:
+    """The training dataset of `cfg`: upsamplers get items with their low-res input."""
+    return WithLowRes(dataset, cfg.upsample) if cfg.model.upsample else dataset

@@ -1,0 +1,174 @@
+"""Diffusion upsamplers: low-res channels, noise augmentation, init_from widening, the cascade and --low-res."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from diffusion.checkpoints import store as ckpt
+from diffusion.checkpoints.init_from import initialise_from
+from diffusion.cli.sample import main as sample_main
+from diffusion.conditioning import upsample as up
+from diffusion.config import DiffusionConfig, ModelConfig, UpsampleConfig, save_config
+from diffusion.data import build_dataset
+from diffusion.evaluate.upsample import high_frequency_power
+from diffusion.models import Denoiser
+from diffusion.sampling.schedule import NoiseSchedule
+from diffusion.training.trainer import train
+from tests.conftest import tiny_config
+
+UP = ["data.resolution=16", "model.upsample=true", "upsample.factor=2"]  # 8 -> 16: chains with tiny_run (8 px)
+
+
+def tiny_model_config(**changes) -> ModelConfig:
+    base = dict(condition="class", base_channels=16, channel_mult=[1, 2], layers_per_block=1,
+                attention_resolutions=[], attention_head_dim=8)
+    return ModelConfig(**{**base, **changes})
+
+
+def write_checkpoint(model: torch.nn.Module, cfg, directory) -> None:
+    directory.mkdir(parents=True)
+    ckpt.write_weights(directory / ckpt.EMA_FILE, ckpt.named_weights(model))
+    save_config(cfg, directory / ckpt.CONFIG_FILE)
+    ckpt.write_info(directory, ckpt.TrainState())
+
+
+@pytest.fixture(scope="module")
+def up_run(tmp_path_factory):
+    """A class-conditional 8 -> 16 shapes upsampler trained for 2 steps through the ordinary loop."""
+    run = tmp_path_factory.mktemp("up_run")
+    train(tiny_config(run, "train.max_steps=2", *UP))
+    return run
+
+
+def test_channels_are_the_bilinear_upsample_of_the_quantised_low_res(tmp_path):
+    cfg = tiny_config(tmp_path, *UP, "upsample.aug_noise=[0,0]")
+    data = up.with_low_res(build_dataset(cfg.data), cfg)
+    assert data.num_classes == build_dataset(cfg.data).num_classes  # the wrapper passes attributes through
+    batch = torch.utils.data.default_collate([data[i] for i in range(3)])
+    low = batch["low_res"]
+    expected_low = F.interpolate(batch["image"], size=(8, 8), mode="area")
+    expected_low = ((expected_low + 1) * 127.5).round() / 127.5 - 1
+    assert torch.equal(low, expected_low)
+    levels = (low + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)  # 8-bit levels
+    cond = up.training_condition(low, cfg, NoiseSchedule.from_config(cfg.diffusion))
+    assert torch.equal(cond["aug_level"], torch.zeros(3, dtype=torch.long))
+    expected = F.interpolate(expected_low, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(cond["channels"], expected, atol=1e-6)
+
+
+def test_aug_noise_follows_the_schedule_and_level_zero_is_clean():
+    schedule = NoiseSchedule.from_config(DiffusionConfig(num_train_timesteps=1000, beta_schedule="cosine"))
+    x, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    assert torch.equal(up.augment(x, torch.zeros(4, dtype=torch.long), schedule, noise), x)
+    level = torch.tensor([1, 250, 500, 1000])
+    ab = schedule.table[level - 1].view(-1, 1, 1, 1)
+    assert torch.allclose(up.augment(x, level, schedule, noise), ab.sqrt() * x + (1 - ab).sqrt() * noise)
+    assert up.level_index(0.25, 1000) == 250
+    with pytest.raises(Exception, match="aug level"):
+        up.level_index(1.5, 1000)
+    # training levels stay in the configured range and the noise has the schedule's variance
+    cfg = UpsampleConfig(aug_noise=[0.5, 0.5])
+    big = torch.zeros(64, 3, 4, 4)
+
+    class Cfg:  # the two sections training_condition reads
+        upsample = cfg
+        data = type("D", (), {"resolution": 8})
+
+    cond = up.training_condition(big, Cfg, schedule)
+    assert torch.all(cond["aug_level"] == 500)
+    assert abs(cond["channels"].std().item() - (1 - schedule.table[499]).sqrt().item()) < 0.05
+
+
+@pytest.mark.parametrize("condition", ["class", "text"])
+def test_widened_upsampler_equals_base_at_init(tmp_path, condition):
+    torch.manual_seed(0)
+    changes = {"condition": condition}
+    base = Denoiser(tiny_model_config(**changes), 8, 12).eval()
+    cfg = tiny_config(tmp_path, f"model.condition={condition}")
+    write_checkpoint(base, cfg, tmp_path / "base")
+    widened = Denoiser(tiny_model_config(upsample=True, **changes), 8, 12).eval()
+    report = initialise_from(widened, tmp_path / "base")
+    assert report["widened"] == ["unet.conv_in.weight"]
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 50, 99])
+    cond = {"labels": torch.tensor([0, 5, 12])} if condition == "class" else {"tokens": base.tokenize(["a", "b c", ""])}
+    channels, level = torch.randn(3, 3, 8, 8), torch.tensor([0, 300, 1000])
+    with torch.no_grad():
+        assert torch.allclose(widened(x, t, channels=channels, aug_level=level, **cond), base(x, t, **cond), atol=1e-6)
+        torch.nn.init.normal_(widened.level_embedding.mlp.linear_2.weight)  # a trained level embedding is used
+        assert not torch.allclose(widened(x, t, channels=channels, aug_level=level, **cond), base(x, t, **cond))
+
+
+def test_cascade_writes_both_stages_with_metadata(tiny_run, up_run, tmp_path):
+    out = tmp_path / "cascade"
+    sample_main(["--checkpoint", str(tiny_run), "--upsampler", str(up_run), "--class-label", "3", "--num-samples", "2",
+                 "--steps", "2", "--upsampler-sampler", "ddpm", "--upsampler-steps", "2", "--aug-level", "0.2",
+                 "--out", str(out)])
+    for i in range(2):
+        high, low = Image.open(out / f"sample_{i:04d}.png"), Image.open(out / f"lowres_{i:04d}.png")
+        assert high.size == (16, 16) and low.size == (8, 8)
+        for picture in (high, low):
+            assert picture.text["label"] == "3" and picture.text["seed"] == str(i)
+            assert picture.text["upsampler_sampler"] == "ddpm" and picture.text["aug_level"] == "20"
+            assert picture.text["checkpoint"] and picture.text["upsampler_checkpoint"]
+    alone = tmp_path / "alone"  # the base stage is the ordinary sample with the same seed
+    sample_main(["--checkpoint", str(tiny_run), "--class-label", "3", "--num-samples", "2", "--steps", "2",
+                 "--out", str(alone)])
+    assert np.array_equal(np.asarray(Image.open(alone / "sample_0001.png")), np.asarray(Image.open(out / "lowres_0001.png")))
+
+
+def test_low_res_on_an_odd_sized_rgba_image(up_run, tmp_path):
+    rgba = (np.random.default_rng(0).random((7, 13, 4)) * 255).astype(np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "photo.png")
+    out = tmp_path / "sr"
+    sample_main(["--checkpoint", str(up_run), "--low-res", str(tmp_path / "photo.png"), "--class-label", "1",
+                 "--num-samples", "2", "--steps", "2", "--out", str(out)])
+    for i in range(2):
+        assert Image.open(out / f"sample_{i:04d}.png").size == (16, 16)
+        assert Image.open(out / f"bicubic_{i:04d}.png").size == (16, 16)
+        assert Image.open(out / f"lowres_{i:04d}.png").size == (8, 8)
+
+
+def _one_line_exit_2(argv: list[str], capsys, match: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        sample_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_bad_input_exits_2_with_one_line(tiny_run, up_run, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, "data.resolution=32", "model.upsample=true", "upsample.factor=2", "model.num_classes=12")
+    write_checkpoint(Denoiser(cfg.model, 32, 12), cfg, tmp_path / "up32")  # expects 16 px, the base makes 8
+    _one_line_exit_2(["--checkpoint", str(tiny_run), "--upsampler", str(tmp_path / "up32"), "--out", str(tmp_path)],
+                     capsys, "chain")
+    (tmp_path / "notes.png").write_text("not an image")
+    _one_line_exit_2(["--checkpoint", str(up_run), "--low-res", str(tmp_path / "notes.png"), "--out", str(tmp_path)],
+                     capsys, "not an image")
+    _one_line_exit_2(["--checkpoint", str(tiny_run), "--upsampler", str(up_run), "--aug-level", "1.5",
+                      "--out", str(tmp_path)], capsys, "--aug-level")
+    _one_line_exit_2(["--checkpoint", str(up_run), "--out", str(tmp_path)], capsys, "--low-res")
+    with pytest.raises(Exception, match="cannot both"):
+        tiny_config(tmp_path, "model.inpaint=true", "model.upsample=true")
+
+
+def test_evaluate_upsample_writes_the_table_and_grid(up_run, tmp_path, capsys):
+    from diffusion.evaluate.__main__ import main as evaluate_main
+
+    out = tmp_path / "eval"
+    evaluate_main(["upsample", "--checkpoint", str(up_run), "--num-images", "3", "--steps", "2",
+                   "--aug-levels", "0,0.5", "--out", str(out)])
+    rows = list(csv.DictReader(open(out / "upsample.csv")))
+    assert [r["method"] for r in rows] == ["bicubic", "bilinear", "diffusion", "diffusion"]
+    bicubic = rows[0]
+    assert float(bicubic["detail"]) < 1 and float(bicubic["consistency_psnr"]) > 20  # blurry but consistent
+    assert (out / "upsample.md").is_file() and Image.open(out / "upsample_grid.png").size[0] > 16 * 5
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.allclose(high_frequency_power(image), high_frequency_power(image.clone()))
+    with pytest.raises(SystemExit):
+        evaluate_main(["upsample", "--checkpoint", str(up_run), "--aug-levels", "2", "--out", str(out)])
+    assert "--aug-levels" in capsys.readouterr().err
