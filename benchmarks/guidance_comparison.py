@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=120, help="per setting, spread over the 12 classes")
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--sample-args", default="", help='extra sample.py options for every row, e.g. "--guidance-interval 0 600"')
+    parser.add_argument("--methods", default="cfg,classifier,clip", help="which methods to run")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--grid", default=None, help="also draw a PNG: per method, 2 rows of the 12 classes at its best scale")
     return parser.parse_args(argv)
@@ -60,11 +63,13 @@ def settings_for(swept: str, scale: float) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     n = math.ceil(args.num_samples / len(CLASS_NAMES)) * len(CLASS_NAMES)
-    common = ["--sampler", args.sampler, "--steps", str(args.steps)]
+    common = ["--sampler", args.sampler, "--steps", str(args.steps), *shlex.split(args.sample_args)]
     rows: list[dict] = []
     print(f"shapes prompt accuracy: 12 classes, {n} samples per row, {args.sampler} {args.steps} steps, same seeds")
     print(f"{'method':<11}| {'scale':>6} | accuracy")
     for name, denoiser, extra, swept, scales in methods(args):
+        if name not in args.methods.split(","):
+            continue
         needed = [denoiser] + extra[1:]
         missing = [path for path in needed if not Path(path).exists()]
         if missing:

@@ -224,3 +224,35 @@ def test_schedule_table_is_moved_once_per_run_not_per_step(monkeypatch, tmp_path
     with torch.no_grad():
         run_plan(loaded, SamplingPlan(items), SamplerSettings("ddpm", 5, 1.0, batch_size=2), bar=False)
     assert len(calls) == 1
+
+
+def test_guidance_interval_limits_gradient_terms_to_its_timesteps(tmp_path):
+    """`--guidance-interval LO HI` (plan.cfg.interval) applies classifier/CLIP gradient terms only at
+    LO <= t <= HI, as it does CFG; every other step gets the eps the term would have shifted."""
+    from diffusion.checkpoints.load import LoadedModel
+    from diffusion.checkpoints.store import TrainState
+    from diffusion.config import Config
+    from diffusion.sampling.guidance import CFGOptions
+    from diffusion.sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
+
+    cfg = Config()
+    cfg.data.resolution = 8
+    model = build_denoiser(ModelConfig(base_channels=16, channel_mult=[1, 2], layers_per_block=1,
+                                       attention_resolutions=[], attention_head_dim=8), 8, num_classes=0).eval()
+    loaded = LoadedModel(cfg, model, SCHEDULE, TrainState(), tmp_path)
+    applied = []
+
+    def make(items):
+        def term(eps, info):
+            applied.append(info.step.t)
+            return eps + 0.1
+        return term
+
+    plan = SamplingPlan([SampleItem(seed=0)], terms=[make], cfg=CFGOptions(interval=(0, 500)))
+    with torch.no_grad():
+        limited = run_plan(loaded, plan, SamplerSettings("ddim", 10, 1.0, batch_size=1), bar=False)
+    assert applied == [499, 399, 299, 199, 99]
+    plan.cfg = CFGOptions()
+    with torch.no_grad():
+        everywhere = run_plan(loaded, plan, SamplerSettings("ddim", 10, 1.0, batch_size=1), bar=False)
+    assert len(applied) == 5 + 10 and not torch.equal(limited, everywhere)

@@ -6,7 +6,8 @@ empty caption in CFG's unconditional branch. For models that are not caption-con
 prompt is only recorded (item.prompt, meta["prompt"]) for CLIP guidance (`--clip`).
 
 `--guidance-rescale`, `--dynamic-threshold` and `--guidance-interval` refine classifier-free
-guidance for any conditional model and any sampler (formulas in diffusion/sampling/guidance.py).
+guidance for any conditional model and any sampler (formulas in diffusion/sampling/guidance.py);
+`--guidance-interval` also limits classifier and CLIP gradient guidance.
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ class TextPromptFeature:
         group.add_argument("--dynamic-threshold", type=float, default=None, metavar="P",
                            help="Imagen dynamic thresholding of the predicted x0 at percentile P (e.g. 99.5)")
         group.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                           help="apply CFG only at training timesteps LO <= t <= HI (Kynkaanniemi et al. 2024)")
+                           help="apply guidance (CFG, --classifier, --clip) only at training timesteps LO <= t <= HI "
+                                "(Kynkaanniemi et al. 2024)")
 
     def variants(self, args, loaded, variants):
         prompts = read_prompts(args)

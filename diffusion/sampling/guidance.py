@@ -97,7 +97,8 @@ class CFGOptions:
     - `rescale` phi > 0: `rescale_guidance` on the predicted x0 of the guided output;
     - `interval` (lo, hi): guidance only at timesteps lo <= t <= hi; elsewhere the plain conditional
       prediction (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval improves sample
-      and distribution quality"; they give the interval in sigma, we in training timesteps);
+      and distribution quality"; they give the interval in sigma, we in training timesteps). The same
+      interval limits gradient guidance (classifier, CLIP): see `within_interval`;
     - `threshold` P: Imagen's dynamic thresholding of x0 at percentile P instead of clipping.
     """
 
@@ -170,6 +171,23 @@ def shift_eps(eps: torch.Tensor, grad: torch.Tensor, scale: float, form: str, in
     if form == "mean":
         return eps - scale * posterior_mean_coefficient(info) * grad
     return eps - scale * (1 - info.alpha_bar).sqrt() * grad
+
+
+def within_interval(term: GuidanceTerm, interval: tuple[float, float] | None) -> GuidanceTerm:
+    """`term` applied only at timesteps lo <= t <= hi (all steps when `interval` is None).
+
+    A noise-aware classifier or CLIP is least reliable near pure noise, where its gradient also moves
+    x0 the most (s * (1 - ab) / sqrt(ab) in the eps form); leaving the first steps unguided keeps the
+    whole shift where the guide can be trusted (see the README's guidance table).
+    """
+    if interval is None:
+        return term
+    lo, hi = interval
+
+    def limited(eps: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        return term(eps, info) if lo <= info.step.t <= hi else eps
+
+    return limited
 
 
 def gradient_term(log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float,

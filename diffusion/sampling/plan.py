@@ -19,7 +19,7 @@ from ..checkpoints.load import LoadedModel
 from ..checkpoints.store import TrainState
 from ..config import Config
 from ..device import autocast_dtype
-from .guidance import CFGOptions, ClassifierFreeGuidance, GuidanceTerm
+from .guidance import CFGOptions, ClassifierFreeGuidance, GuidanceTerm, within_interval
 from .images import save_grid
 from .loop import Guidance, Loop, PostStep, Progress, Trajectory, sample_loop, seeded_noise
 from .samplers import build_sampler
@@ -109,7 +109,8 @@ def run_plan(loaded: LoadedModel, plan: SamplingPlan, settings: SamplerSettings,
         uncond = _stack([it.uncond if it.uncond is not None else model.null_condition(it.cond) for it in items], device)
         model_fn = ClassifierFreeGuidance(model, cond, uncond, settings.guidance_scale, plan.cfg,
                                           autocast_dtype(device, settings.precision))
-        guidance = Guidance(x0=plan.cfg.x0_processor(), terms=[make(items) for make in plan.terms],
+        terms = [within_interval(make(items), plan.cfg.interval) for make in plan.terms]
+        guidance = Guidance(x0=plan.cfg.x0_processor(), terms=terms,
                             hooks=[make(items) for make in plan.hooks])
         trajectory = Trajectory(schedule, build_sampler(schedule, settings.sampler, settings.steps), generators, guidance)
         images = plan.loop(model_fn, trajectory, noise, advance).float().clamp(-1, 1)
