@@ -204,19 +204,25 @@ def test_cfg_above_one_extrapolates():
     torch.testing.assert_close(cfg_combine(eps_u, eps_c, 3.0), eps_u + 3 * (eps_c - eps_u))
 
 
-def test_schedule_table_is_moved_once_per_run_not_per_step(monkeypatch, tmp_path):
-    """The loop reads alpha_bar from one table on the sampling device: `to` runs once per run_plan
-    (a no-op when the table is there), never once per step (a blocking host copy on a GPU)."""
+def tiny_loaded(tmp_path):
+    """An untrained 8 px unconditional denoiser as run_plan's LoadedModel."""
     from diffusion.checkpoints.load import LoadedModel
     from diffusion.checkpoints.store import TrainState
     from diffusion.config import Config
-    from diffusion.sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
 
     cfg = Config()
     cfg.data.resolution = 8
     model = build_denoiser(ModelConfig(base_channels=16, channel_mult=[1, 2], layers_per_block=1,
                                        attention_resolutions=[], attention_head_dim=8), 8, num_classes=0).eval()
-    loaded = LoadedModel(cfg, model, SCHEDULE, TrainState(), tmp_path)
+    return LoadedModel(cfg, model, SCHEDULE, TrainState(), tmp_path)
+
+
+def test_schedule_table_is_moved_once_per_run_not_per_step(monkeypatch, tmp_path):
+    """The loop reads alpha_bar from one table on the sampling device: `to` runs once per run_plan
+    (a no-op when the table is there), never once per step (a blocking host copy on a GPU)."""
+    from diffusion.sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
+
+    loaded = tiny_loaded(tmp_path)
     calls = []
     original = NoiseSchedule.to
     monkeypatch.setattr(NoiseSchedule, "to", lambda self, device: calls.append(device) or original(self, device))
@@ -229,17 +235,10 @@ def test_schedule_table_is_moved_once_per_run_not_per_step(monkeypatch, tmp_path
 def test_guidance_interval_limits_gradient_terms_to_its_timesteps(tmp_path):
     """`--guidance-interval LO HI` (plan.cfg.interval) applies classifier/CLIP gradient terms only at
     LO <= t <= HI, as it does CFG; every other step gets the eps the term would have shifted."""
-    from diffusion.checkpoints.load import LoadedModel
-    from diffusion.checkpoints.store import TrainState
-    from diffusion.config import Config
     from diffusion.sampling.guidance import CFGOptions
     from diffusion.sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
 
-    cfg = Config()
-    cfg.data.resolution = 8
-    model = build_denoiser(ModelConfig(base_channels=16, channel_mult=[1, 2], layers_per_block=1,
-                                       attention_resolutions=[], attention_head_dim=8), 8, num_classes=0).eval()
-    loaded = LoadedModel(cfg, model, SCHEDULE, TrainState(), tmp_path)
+    loaded = tiny_loaded(tmp_path)
     applied = []
 
     def make(items):
