@@ -81,7 +81,9 @@ def fit_all(runs: Runs, n_boot: int = 200, huber: float = 1e-2, outlier_sigma: f
     """L(N), L(D) per N, L(C) frontier, IsoFLOP, joint L(N, D) and outliers."""
     rep = Report()
     kw = dict(n_boot=n_boot, f_scale=huber)
-    by_n = best_per(runs, lambda n: runs.params[n])
+    full = max(runs.data.values())
+    big = [k for k in runs.names if runs.data[k] == full]  # L(N), IsoFLOP and joint: the largest data subset
+    by_n = best_per(runs, lambda n: runs.params[n], big)  # several runs of one size (an LR grid): the best
     ns = sorted(by_n)
     _try(rep, "L_N", lambda: fit_power_law(ns, [by_n[n][0] for n in ns], **kw))
     for n in ns:  # L(D) for each model size with enough data sizes
@@ -96,8 +98,6 @@ def fit_all(runs: Runs, n_boot: int = 200, huber: float = 1e-2, outlier_sigma: f
         rep.objects["L_C"], rep.objects["frontier"] = frontier
         rep.fits["L_C"] = frontier[0].to_dict()
         rep.fits["L_C"]["frontier_runs"] = sorted({pts[i][2] for i in frontier[1]})
-    full = max(runs.data.values())
-    big = [k for k in runs.names if runs.data[k] == full]  # IsoFLOP and joint: the largest data subset
     curves = [(runs.params[k], [r["flops"] for r in runs.curves[k]], [r["val_loss"] for r in runs.curves[k]]) for k in big]
     lo = max((min(c) for _, c, _ in curves), default=1.0)
     hi = max((max(c) for _, c, _ in curves), default=1.0)
