@@ -21,7 +21,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -47,3 +49,39 @@ def check_output_dir(path: str | Path) -> None:
         os.unlink(probe)
     except OSError as err:
         raise UserError(f"output_dir {path} is not writable ({err.strerror or err}): choose another output_dir") from None
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk, so a rename after it cannot expose missing data
+    after a power loss or a kill of the machine."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder below `root` (and `root` itself), deepest first."""
+    for folder, _, names in os.walk(root, topdown=False):
+        for name in names:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`, replacing any old one without a moment where a kill
+    leaves neither: the old one is renamed aside, the new one renamed in, then the old one deleted.
+    A kill between the two renames leaves `.old-NAME`, which `remove_crash_residue` puts back."""
+    import shutil
+
+    fsync_tree(tmp)
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_path(final.parent)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,15 +1,17 @@
 """Checkpoint files: atomic directories holding accelerate state, EMA weights and the resolved config.
 
 Layout of `RUN/checkpoints/step-000100/`:
-  accelerate/          accelerator.save_state: model, optimizer, RNG states, EMA (registered)
-  ema.safetensors      EMA weights of the whole model, for sampling
+  accelerate/          accelerator.save_state: model, optimizer, RNG states (all loaded with weights_only=True)
+  ema.safetensors      EMA weights of the whole model, for sampling and (its parameters) for resuming
+  ema.json             the EMA's counters and settings (EMAModel.state_dict() without the tensors)
   config.yaml          the resolved config: enough to rebuild the model
-  info.json            step, data position, class names
-A checkpoint is written under a temporary name and renamed into place, so the newest complete
-checkpoint is never half-written.
+  info.json            step, data position, class names, and the sha256 of every other file
+A checkpoint is written under a temporary name, fsynced and renamed into place, so the newest
+complete checkpoint is never half-written; the digests catch files damaged after that.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -21,13 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config, from_dict, read_yaml, save_config
-from ..errors import UserError
-from ..io import atomic_write, atomic_write_text
+from ..errors import UserError, first_line
+from ..io import atomic_write, atomic_write_text, replace_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.yaml"
 INFO_FILE = "info.json"
+EMA_STATE_FILE = "ema.json"
+DIGESTS = "sha256"  # info.json key: {file path relative to the checkpoint: hex digest}
+TEMPORARY = re.compile(r"^\.(tmp|old)-")  # folders a killed save leaves (see finish_checkpoint)
 
 
 @dataclass
@@ -102,15 +107,57 @@ def write_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda tmp: save_file(weights, str(tmp)))
 
 
-def write_info(path: Path, state: TrainState) -> None:
-    atomic_write_text(path / INFO_FILE, json.dumps(state.__dict__, indent=2))
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """sha256 of every file in the checkpoint folder `path` but info.json, by relative path."""
+    return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and p != path / INFO_FILE}
+
+
+def write_info(path: Path, state: TrainState, digests: dict[str, str] | None = None) -> None:
+    atomic_write_text(path / INFO_FILE, json.dumps({**state.__dict__, DIGESTS: digests or {}}, indent=2))
+
+
+def _read_info_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((path / INFO_FILE).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"cannot read {path / INFO_FILE}: {first_line(err)}") from None
 
 
 def read_info(path: Path) -> TrainState:
+    data = _read_info_json(path)
+    data.pop(DIGESTS, None)
     try:
-        return TrainState(**json.loads((path / INFO_FILE).read_text()))
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"cannot read {path / INFO_FILE}: {err}") from None
+        return TrainState(**data)
+    except TypeError as err:
+        raise UserError(f"cannot read {path / INFO_FILE}: {first_line(err)}") from None
+
+
+def verify_digests(path: Path, names: list[str] | None = None) -> None:
+    """Refuse a checkpoint whose files (`names`, default all) differ from the sha256 recorded when it
+    was saved: a flipped byte in weights would otherwise load and train or sample without complaint.
+    Checkpoints saved before digests were recorded, and files without one, are not checked."""
+    digests = _read_info_json(path).get(DIGESTS) or {}
+    if not isinstance(digests, dict):
+        raise UserError(f"cannot read {path / INFO_FILE}: its {DIGESTS} entry is not a mapping")
+    for name in names if names is not None else list(digests):
+        expected = digests.get(name)
+        if expected is None or not (path / name).is_file():
+            continue
+        if sha256_file(path / name) != expected:
+            raise UserError(f"checkpoint {path} is damaged: sha256 mismatch in {name} (it changed after it was "
+                            "saved); use an earlier checkpoint (RUN/checkpoints/step-N)")
 
 
 def read_config(path: Path) -> Config:
@@ -118,6 +165,8 @@ def read_config(path: Path) -> Config:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of checkpoint `path`, after checking their sha256."""
+    verify_digests(path, [EMA_FILE])
     try:
         return load_file(str(path / EMA_FILE))
     except Exception as err:
@@ -125,15 +174,34 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def finish_checkpoint(tmp: Path, final: Path, cfg: Config, state: TrainState, keep: int) -> None:
-    """Write config and info into `tmp`, move it into place, and prune old checkpoints."""
+    """Write config and info (with every file's sha256) into `tmp`, fsync it, move it into place
+    (replacing an old `final` atomically), and prune old checkpoints."""
     save_config(cfg, tmp / CONFIG_FILE)
-    write_info(tmp, state)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    write_info(tmp, state, file_digests(tmp))
+    replace_dir(tmp, final)
     if keep > 0:
         for old in list_checkpoints(final.parent.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_crash_residue(run_dir: str | Path) -> list[Path]:
+    """Delete the `.tmp-*` folders a killed save left in a run (and its checkpoints folder); put back an
+    `.old-NAME` folder whose replacement never arrived, else delete it. Only while no other process
+    writes the run (under its lock). Returns what was removed."""
+    removed = []
+    for parent in (Path(run_dir), checkpoint_root(run_dir)):
+        if not parent.is_dir():
+            continue
+        for path in sorted(parent.iterdir()):
+            if not (path.is_dir() and TEMPORARY.match(path.name)):
+                continue
+            original = path.with_name(path.name[len(".old-"):])
+            if path.name.startswith(".old-") and not original.exists():
+                path.rename(original)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def load_payload(path: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ Follows diffusers' train_unconditional.py: one Accelerator drives CPU, one GPU o
 from __future__ import annotations
 
 import math
-import pickle
 import signal
 import time
 from pathlib import Path
@@ -18,12 +17,15 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..checkpoints import store as ckpt
+from ..checkpoints.ema_state import save_ema_state
+from ..checkpoints.resume import load_training_state
+from ..checkpoints.run_lock import RunLock
 from ..checkpoints.init_from import initialise_from
 from ..conditioning.upsample import with_low_res
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
-from ..errors import Diverged, Interrupted, UserError, first_line
+from ..errors import Diverged, Interrupted, UserError
 from .logger import MetricLogger
 from .preflight import preflight
 from .tasks import Task, build_task
@@ -80,6 +82,9 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=pins_memory(cfg.data)),
             dynamo_backend="no",  # compiled below from train.compile: accelerate's setting is process-wide
         )
+        self.run_lock = RunLock(self.run_dir) if self.accelerator.is_main_process else None  # one run per folder
+        if self.run_lock is not None:
+            ckpt.remove_crash_residue(self.run_dir)  # .tmp-* folders of a killed save; safe under the lock
         set_seed(cfg.train.seed, device_specific=True)
         use_fast_cuda_math(self.accelerator.device, cfg.train.allow_tf32)
         dataset = with_low_res(build_dataset(cfg.data), cfg)  # upsamplers: items carry their low-res input
@@ -107,8 +112,7 @@ class Trainer:
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         if cfg.train.compile:  # last, around any DDP wrapper, as accelerate does
             self.model = compile_model(self.model, cfg.train.compile_backend)
-        self.ema.to(self.accelerator.device)
-        self.accelerator.register_for_checkpointing(self.ema)
+        self.ema.to(self.accelerator.device)  # saved as safetensors + JSON, not registered (see checkpoints.ema_state)
         self.logger = MetricLogger(self.run_dir, enabled=log and self.accelerator.is_main_process)
 
     @property
@@ -133,21 +137,20 @@ class Trainer:
         self.accelerator.wait_for_everyone()  # every process's RNG state is in tmp before it moves
         if self.accelerator.is_main_process:
             ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
+            save_ema_state(tmp, self.ema)
             ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            self.accelerator.load_state(str(path / "accelerate"))
-        except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as err:  # damaged or foreign files
-            first = first_line(err)
-            raise UserError(f"cannot resume from {path}: {first}") from None
-        # accelerate reloads the registered EMA with map_location="cpu" and EMAModel keeps those
-        # tensors: move them to the model's device again, as diffusers' training examples do.
-        self.ema.to(self.accelerator.device)
-        saved = ckpt.read_info(path)
+        """Model, optimizer, RNG and EMA state (checked, no code-running pickles) and the data position."""
+        saved = load_training_state(path, self.accelerator, self.ema, self.core)
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
+
+    def release_run(self) -> None:
+        """Let another process train in this run folder (a process exit releases it too)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def with_ema_weights(self, fn) -> None:
         """Run `fn(core)` with the EMA weights swapped in."""
@@ -240,6 +243,7 @@ class Trainer:
         finally:  # a signal during the saves above still lets them finish
             bar.close()
             stop.restore()
+            self.release_run()
         self.logger.close()
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
