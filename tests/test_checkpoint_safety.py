@@ -1,0 +1,215 @@
+"""Checkpoints that are hostile, damaged, shared or left half-written by a kill.
+
+Each command runs in-process through its CLI entry point (exit status and stderr as a shell sees
+them) on copies of one tiny run trained for 2 steps, so the file takes seconds, not minutes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_cli
+from diffusion.checkpoints import store as ckpt
+from diffusion.checkpoints.load import load_model
+from diffusion.cli import sample as sample_cli
+from diffusion.errors import UserError, exit_on_user_error
+from diffusion.io import replace_dir
+from diffusion.training.trainer import Trainer, train
+from tests.conftest import ROOT, TINY, tiny_config
+from tests.test_bad_input import Payload
+
+STEP = "checkpoints/step-000002"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny run stopped at step 2 (one checkpoint, final export)."""
+    out = tmp_path_factory.mktemp("safety") / "run"
+    train(tiny_config(out, "train.max_steps=2"))
+    return out
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
+def restamp(checkpoint: Path) -> None:
+    """Record the current files' sha256 in info.json, as someone planting a file would."""
+    info = json.loads((checkpoint / ckpt.INFO_FILE).read_text())
+    info[ckpt.DIGESTS] = ckpt.file_digests(checkpoint)
+    (checkpoint / ckpt.INFO_FILE).write_text(json.dumps(info))
+
+
+def run_cli(main, argv: list[str], capsys) -> tuple[int, list[str]]:
+    """(exit status, non-empty stderr lines) of a CLI entry point."""
+    capsys.readouterr()
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def resume(out: Path, capsys, *extra: str) -> tuple[int, list[str]]:
+    return run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}", "train.max_steps=2",
+                                    *extra, "--resume", "auto"], capsys)
+
+
+def sample(checkpoint: Path, capsys) -> tuple[int, list[str]]:
+    return run_cli(sample_cli.main, ["--checkpoint", str(checkpoint), "--out", str(checkpoint.parent / "samples"),
+                                     "--num-samples", "1", "--steps", "2"], capsys)
+
+
+def evaluate_load(checkpoint: Path, capsys) -> tuple[int, list[str]]:
+    """What every `python -m diffusion.evaluate` command does first with --checkpoint."""
+    return run_cli(exit_on_user_error(lambda argv: load_model(checkpoint)), [], capsys)
+
+
+# file in a checkpoint -> (does a resume need it, does a sample or an evaluation need it)
+READ = {
+    "accelerate/model.safetensors": (True, False),
+    "accelerate/optimizer.bin": (True, False),
+    "accelerate/random_states_0.pkl": (True, False),
+    "accelerate/custom_checkpoint_0.pkl": (False, False),  # where accelerate kept the EMA pickle: never read now
+    ckpt.EMA_FILE: (True, True),
+    ckpt.EMA_STATE_FILE: (True, False),
+    ckpt.INFO_FILE: (True, True),
+    ckpt.CONFIG_FILE: (False, True),
+}
+
+
+def test_no_planted_pickle_runs_on_resume_sample_or_evaluate(run, tmp_path, capsys):
+    """A pickle that runs `touch MARKER` in place of each file (its digest updated to match, so the
+    loaders themselves must refuse it): none runs, and where the file is needed the command fails
+    in one line with status 2."""
+    marker = tmp_path / "MARKER"
+    archive = tmp_path / "payload.bin"  # the torch.save zip format, which passes the format checks
+    torch.save(Payload(marker), archive)
+    assert sorted(p for p in READ if "custom" not in p) == sorted([*ckpt.file_digests(run / STEP), ckpt.INFO_FILE])
+    for index, (name, (resume_needs, sample_needs)) in enumerate(READ.items()):
+        out = copy_run(run, tmp_path / f"run{index}")
+        (out / STEP / name).write_bytes(archive.read_bytes())
+        if name != ckpt.INFO_FILE:
+            restamp(out / STEP)
+        for what, (status, lines), needed in (("sample", sample(out / STEP, capsys), sample_needs),
+                                              ("evaluate", evaluate_load(out / STEP, capsys), sample_needs),
+                                              ("resume", resume(out, capsys), resume_needs)):
+            assert not marker.exists(), f"{what} ran the pickle in {name}"
+            if needed:
+                assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, name, lines)
+            else:
+                assert status == 0, (what, name, lines)
+
+
+def test_a_flipped_byte_is_refused_by_sample_and_resume(run, tmp_path, capsys):
+    for index, name in enumerate((ckpt.EMA_FILE, "accelerate/optimizer.bin", "accelerate/model.safetensors")):
+        out = copy_run(run, tmp_path / f"run{index}")
+        data = bytearray((out / STEP / name).read_bytes())
+        data[-3] ^= 0x10  # in the tensor data: the file still parses
+        (out / STEP / name).write_bytes(bytes(data))
+        checks = [resume(out, capsys)] + ([sample(out / STEP, capsys)] if name == ckpt.EMA_FILE else [])
+        for status, lines in checks:
+            assert status == 2 and len(lines) == 1, lines
+            assert f"is damaged: sha256 mismatch in {name}" in lines[0] and "earlier checkpoint" in lines[0], lines
+
+
+def test_checkpoints_without_digests_still_load(run, tmp_path, capsys):
+    out = copy_run(run, tmp_path / "old")
+    info = json.loads((out / STEP / ckpt.INFO_FILE).read_text())
+    del info[ckpt.DIGESTS]
+    (out / STEP / ckpt.INFO_FILE).write_text(json.dumps(info))
+    assert load_model(out / STEP).info.step == 2
+    assert resume(out, capsys, "train.max_steps=3")[0] == 0
+
+
+def test_missing_random_states_warn_and_unreadable_ones_refuse(run, tmp_path, capsys):
+    out = copy_run(run, tmp_path / "missing")
+    (out / STEP / "accelerate/random_states_0.pkl").unlink()
+    status, lines = resume(out, capsys, "train.max_steps=3")
+    assert status == 0 and [line for line in lines if "random_states_0.pkl is missing" in line and "not match" in line]
+    out = copy_run(run, tmp_path / "foreign")
+    torch.save({"step": 2}, out / STEP / "accelerate/random_states_0.pkl")  # loads, but holds no RNG state
+    restamp(out / STEP)
+    status, lines = resume(out, capsys)
+    assert status == 2 and len(lines) == 1 and "random_states_0.pkl lacks" in lines[0], lines
+
+
+def test_ema_state_is_saved_without_pickles_and_restored_exactly(run, tmp_path):
+    checkpoint = run / STEP
+    assert not list(checkpoint.rglob("custom_checkpoint_*"))
+    assert json.loads((checkpoint / ckpt.EMA_STATE_FILE).read_text())["optimization_step"] == 2
+    trainer = Trainer(tiny_config(copy_run(run, tmp_path / "r"), "train.max_steps=4"), resume="auto", log=False)
+    trainer.ema.optimization_step = 0
+    trainer.load_checkpoint(tmp_path / "r" / STEP)
+    assert trainer.ema.optimization_step == 2 and not trainer.accelerator._custom_objects
+    trainer.release_run()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_until_the_first_dies(run, tmp_path, capsys):
+    out = copy_run(run, tmp_path / "shared")
+    holder = subprocess.Popen(  # another training process: holds the run's lock, then is SIGKILLed
+        [sys.executable, "-c", "import sys; from diffusion.checkpoints.run_lock import RunLock; "
+         "lock = RunLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status, lines = resume(out, capsys)
+        assert status == 2 and len(lines) == 1 and "in use by another training run" in lines[0], lines
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".lock").is_file()  # left behind by the killed process: must not block
+    assert resume(out, capsys)[0] == 0
+
+
+def test_crash_residue_is_cleaned_at_start(run, tmp_path):
+    out = copy_run(run, tmp_path / "residue")
+    (out / "checkpoints" / ".tmp-step-000004" / "accelerate").mkdir(parents=True)
+    (out / ".tmp-final").mkdir()
+    shutil.copytree(out / "final", out / ".old-final")  # a kill between the two renames of an export...
+    shutil.rmtree(out / "final")
+    Trainer(tiny_config(out, "train.max_steps=2"), log=False).release_run()
+    assert not list(out.rglob(".tmp-*")) and not list(out.rglob(".old-*"))
+    assert ckpt.is_checkpoint(out / "final")  # ...puts the old export back
+
+
+def test_replacing_a_folder_never_leaves_neither(tmp_path, monkeypatch):
+    """replace_dir renames the old folder aside before the new one arrives: a kill at any point leaves
+    the old or the new complete folder (or .old-NAME, which start-up cleaning restores)."""
+    import diffusion.io as io
+
+    final, tmp = tmp_path / "final", tmp_path / ".tmp-final"
+    final.mkdir()
+    (final / "a").write_text("old")
+    tmp.mkdir()
+    (tmp / "a").write_text("new")
+    synced, rmtree = [], shutil.rmtree
+    monkeypatch.setattr(io, "fsync_path", lambda path: synced.append(Path(path)))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: pytest.fail("deleted before the new one was in place")
+                        if not (final / "a").is_file() or (final / "a").read_text() != "new" else rmtree(path, **kw))
+    replace_dir(tmp, final)
+    assert (final / "a").read_text() == "new" and not (tmp_path / ".old-final").exists()
+    assert {tmp / "a", tmp} <= set(synced) and synced[-1] == tmp_path  # files, folder, then the parent's entry
+
+
+def test_resume_from_final_says_it_holds_weights_only(run, capsys):
+    status, lines = run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={run}",
+                                             "--resume", str(run / "final")], capsys)
+    assert status == 2 and len(lines) == 1 and "holds only weights" in lines[0] and "step-N" in lines[0], lines
+
+
+def test_read_weights_refuses_damage_in_one_line(run, tmp_path):
+    out = copy_run(run, tmp_path / "d")
+    data = bytearray((out / "final" / ckpt.EMA_FILE).read_bytes())
+    data[-1] ^= 1
+    (out / "final" / ckpt.EMA_FILE).write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        ckpt.read_weights(out / "final")
