@@ -103,6 +103,15 @@ def with_file(checkpoint: Path, copy: Path, name: str, content: bytes) -> Path:
     return copy
 
 
+def restamp(checkpoint: Path) -> None:
+    """Record the current files' sha256 in the checkpoint's info.json."""
+    from diffusion.checkpoints import store as ckpt
+
+    info = json.loads((checkpoint / ckpt.INFO_FILE).read_text())
+    info[ckpt.DIGESTS] = ckpt.file_digests(checkpoint)
+    (checkpoint / ckpt.INFO_FILE).write_text(json.dumps(info))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Files:
     root = tmp_path_factory.mktemp("bad_input")
@@ -120,7 +129,10 @@ def files(tmp_path_factory) -> Files:
     with_file(checkpoint, root / "evil_model" / "step-000002", "accelerate/model.safetensors", evil)
     archive = root / "evil_archive.bin"  # the zip format accelerate writes, around a pickle that runs code
     torch.save(Payload(marker), archive)
-    with_file(checkpoint, root / "evil_archive" / "step-000002", "accelerate/optimizer.bin", archive.read_bytes())
+    planted = with_file(checkpoint, root / "evil_archive" / "step-000002", "accelerate/optimizer.bin", archive.read_bytes())
+    restamp(planted)  # its sha256 updated too, as a planter would: torch.load itself must refuse it
+    with_file(checkpoint, root / "damaged" / "step-000002", "ema.safetensors",
+                        (checkpoint / "ema.safetensors").read_bytes()[:-1] + b"\x00")
     with_file(checkpoint, root / "broken_config", "config.yaml", b"model:\n  channel_mult: [1, 2\n")
     (root / "evil.bin").write_bytes(evil)
     (root / "garbage.pt2").write_bytes(b"PK\x03\x04 not really a zip archive")
@@ -174,7 +186,12 @@ CASES = [
     Case("resume: code in a torch.save archive as optimizer.bin",
          lambda f: [*TRAIN, f"output_dir={f.path('out_archive')}", "--resume", str(f.path("evil_archive/step-000002"))],
          "cannot resume from"),
+    Case("resume: a damaged checkpoint",
+         lambda f: [*TRAIN, f"output_dir={f.path('out_damaged')}", "--resume", str(f.path("damaged/step-000002"))],
+         "is damaged: sha256 mismatch in ema.safetensors"),
     # sampling and evaluation
+    Case("sample: a damaged checkpoint", lambda f: [*SAMPLE, "--checkpoint", str(f.path("damaged/step-000002"))],
+         "is damaged: sha256 mismatch in ema.safetensors"),
     Case("checkpoint config.yaml YAML error", lambda f: [*SAMPLE, "--checkpoint", str(f.path("broken_config"))],
          "config.yaml is not valid YAML"),
     Case("invalid --clip-weights", lambda f: [*SAMPLE, "--checkpoint", str(f.checkpoint), "--out", str(f.path("s")),
