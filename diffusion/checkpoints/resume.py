@@ -19,14 +19,13 @@ RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, EOFError, OSError)
 
 
-def check_random_states(path: Path, process_index: int) -> None:
-    """accelerate skips an unreadable RNG file silently and the resume is then not exact: warn in one
-    line when it is missing (e.g. a checkpoint from fewer processes), refuse when it is damaged."""
+def check_random_states(path: Path, process_index: int) -> str | None:
+    """accelerate skips an unreadable RNG file silently and the resume is then not exact: refuse a
+    damaged one; for a missing one (e.g. a checkpoint from fewer processes) return a one-line warning."""
     file = path / STATE_DIR / f"random_states_{process_index}.pkl"
     if not file.is_file():
-        print(f"warning: {file} is missing: resuming with fresh random states, so the run will not match "
-              "an uninterrupted one exactly", file=sys.stderr)
-        return
+        return (f"warning: {file} is missing: resuming with fresh random states, so the run will not match "
+                "an uninterrupted one exactly")
     try:
         states = accelerate_load(file, weights_only=True)  # as accelerate loads it, with its safe numpy types
         absent = [key for key in RNG_KEYS if key not in states]
@@ -35,6 +34,7 @@ def check_random_states(path: Path, process_index: int) -> None:
                         "use an earlier checkpoint") from None
     if absent:
         raise UserError(f"cannot resume from {path}: {file.name} lacks {absent[0]}; use an earlier checkpoint")
+    return None
 
 
 def load_training_state(path: Path, accelerator: Accelerator, ema: EMAModel, model) -> store.TrainState:
@@ -47,7 +47,7 @@ def load_training_state(path: Path, accelerator: Accelerator, ema: EMAModel, mod
         raise RuntimeError("objects registered for checkpointing would be loaded with weights_only=False")
     info = store.read_info(path)
     store.verify_digests(path)
-    check_random_states(path, accelerator.process_index)
+    warning = check_random_states(path, accelerator.process_index)
     state_dir = path / STATE_DIR
     legacy = sorted(state_dir.glob("custom_checkpoint_*.pkl"))  # the EMA pickle of older checkpoints: never read
     try:
@@ -58,6 +58,8 @@ def load_training_state(path: Path, accelerator: Accelerator, ema: EMAModel, mod
     except LOAD_ERRORS as err:  # damaged or foreign files
         raise UserError(f"cannot resume from {path}: {first_line(err)}") from None
     load_ema_state(path, ema, model, info.step, accelerator.device)
+    if warning:  # once everything else loaded: a failed resume says only why it failed
+        print(warning, file=sys.stderr)
     return info
 
 
