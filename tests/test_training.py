@@ -193,5 +193,6 @@ def test_a_diverging_run_stops_and_never_saves_non_finite_weights(tmp_path, caps
     name = next(iter(weights))
     weights[name] = torch.full_like(weights[name], float("nan"))
     ckpt.write_weights(broken / ckpt.EMA_FILE, weights)
+    ckpt.write_info(broken, ckpt.read_info(broken), ckpt.file_digests(broken))  # as saved by an older version
     with pytest.raises(UserError, match="non-finite"):
         load_model(broken)

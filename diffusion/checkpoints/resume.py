@@ -11,10 +11,10 @@ from accelerate.utils import load as accelerate_load
 from diffusers.training_utils import EMAModel
 
 from ..errors import UserError, first_line
+from ..training.preflight import STATE_DIR
 from . import store
 from .ema_state import load_ema_state
 
-STATE_DIR = "accelerate"
 RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, EOFError, OSError)
 

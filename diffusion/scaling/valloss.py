@@ -101,10 +101,9 @@ def load_ema_model(checkpoint: str, cfg: Config) -> torch.nn.Module:
     """The denoiser of a checkpoint directory with its EMA weights (CPU)."""
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
+    from ..checkpoints.store import read_weights
     from ..models import build_denoiser
 
     model = build_denoiser(cfg.model, cfg.data.resolution, max(cfg.model.num_classes, 1))
-    model.load_state_dict(load_file(str(Path(checkpoint) / "ema.safetensors")))
+    model.load_state_dict(read_weights(Path(checkpoint)))  # sha256-checked
     return model
