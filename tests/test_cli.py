@@ -71,6 +71,9 @@ def test_weights_that_do_not_fit_the_config_are_refused_in_one_line(tiny_run, tm
     shutil.copytree(tiny_run / "final", broken)
     weights = load_file(str(broken / "ema.safetensors"))
     save_file({f"_orig_mod.{name}": value for name, value in weights.items()}, str(broken / "ema.safetensors"))
+    from diffusion.checkpoints import store as ckpt
+
+    ckpt.write_info(broken, ckpt.read_info(broken), ckpt.file_digests(broken))  # saved so, not damaged later
     proc = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(broken), "--out", str(tmp_path / "s")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
