@@ -153,6 +153,25 @@ def test_ema_state_is_saved_without_pickles_and_restored_exactly(run, tmp_path):
     trainer.release_run()
 
 
+def test_a_checkpoint_of_the_older_layout_resumes_without_reading_its_ema_pickle(run, tmp_path):
+    """Older checkpoints kept the EMA as accelerate's custom_checkpoint_0.pkl and had no ema.json or
+    digests: they resume from ema.safetensors (the EMA steps once per optimizer step), pickle unread."""
+    out = copy_run(run, tmp_path / "old")
+    marker = tmp_path / "MARKER"
+    torch.save(Payload(marker), out / STEP / "accelerate/custom_checkpoint_0.pkl")
+    (out / STEP / ckpt.EMA_STATE_FILE).unlink()
+    info = json.loads((out / STEP / ckpt.INFO_FILE).read_text())
+    del info[ckpt.DIGESTS]
+    (out / STEP / ckpt.INFO_FILE).write_text(json.dumps(info))
+    trainer = Trainer(tiny_config(out, "train.max_steps=4"), resume="auto", log=False)
+    trainer.load_checkpoint(out / STEP)
+    trainer.release_run()
+    assert trainer.ema.optimization_step == 2 and trainer.state.step == 2 and not marker.exists()
+    saved = ckpt.read_weights(out / STEP)
+    for (name, _), shadow in zip(trainer.core.named_parameters(), trainer.ema.shadow_params):
+        assert torch.equal(shadow, saved[name])
+
+
 def test_a_second_run_on_the_same_folder_is_refused_until_the_first_dies(run, tmp_path, capsys):
     out = copy_run(run, tmp_path / "shared")
     holder = subprocess.Popen(  # another training process: holds the run's lock, then is SIGKILLed

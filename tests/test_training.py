@@ -54,9 +54,9 @@ def test_resume_restores_step_optimizer_ema_and_data_position(tmp_path):
 
 
 def test_resumed_ema_is_moved_to_the_model_device_after_loading(tmp_path, monkeypatch):
-    """accelerate reloads the registered EMA with map_location="cpu" and EMAModel keeps those tensors,
-    so on CUDA the first ema.step would mix devices. On the CPU that coincidence hides the bug, so
-    record the calls: after the EMA state is loaded it must be moved to the model's device."""
+    """The EMA state is read from files onto the CPU and EMAModel keeps those tensors, so on CUDA the
+    first ema.step would mix devices. On the CPU that coincidence hides the bug, so record the calls:
+    after the EMA state is loaded it must be moved to the model's device."""
     train(tiny_config(tmp_path, "train.max_steps=2"))
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=4"), resume="auto", log=False)
     events = []
