@@ -148,6 +148,8 @@ def verify_digests(path: Path, names: list[str] | None = None) -> None:
     """Refuse a checkpoint whose files (`names`, default all) differ from the sha256 recorded when it
     was saved: a flipped byte in weights would otherwise load and train or sample without complaint.
     Checkpoints saved before digests were recorded, and files without one, are not checked."""
+    if not (path / INFO_FILE).is_file():  # e.g. weights copied without it: nothing recorded to check
+        return
     digests = _read_info_json(path).get(DIGESTS) or {}
     if not isinstance(digests, dict):
         raise UserError(f"cannot read {path / INFO_FILE}: its {DIGESTS} entry is not a mapping")
