@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import store as ckpt
 from ..checkpoints.ema_state import save_ema_state
+from ..checkpoints.init_from import initialise_from
 from ..checkpoints.resume import load_training_state
 from ..checkpoints.run_lock import RunLock
-from ..checkpoints.init_from import initialise_from
 from ..conditioning.upsample import with_low_res
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
