@@ -26,30 +26,8 @@ from ..device import compile_model, use_fast_cuda_math
 from ..errors import Diverged, Interrupted, UserError, first_line
 from .logger import MetricLogger
 from .preflight import preflight
+from .stop import StopRequest
 from .tasks import Task, build_task
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag so the loop can checkpoint before exiting."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def resolve_dataset_info(cfg: Config, dataset) -> list[str]:
@@ -204,7 +182,7 @@ class Trainer:
         saved = self.resume_from
         try:
             batches = self.batches()
-            while self.state.step < cfg.train.max_steps and not stop.requested:
+            while self.state.step < cfg.train.max_steps:
                 loss = self.train_step(next(batches))
                 loss_sum += loss
                 loss_count += 1
@@ -233,6 +211,8 @@ class Trainer:
                 if step % cfg.train.checkpoint_every == 0:
                     saved = self.save_checkpoint()
                     last_saved = step
+                if stop.agreed(acc):  # only here, after a real optimizer step, and on every rank at once
+                    break
             if last_saved != self.state.step:
                 saved = self.save_checkpoint()
             if self.state.step >= cfg.train.max_steps and acc.is_main_process:

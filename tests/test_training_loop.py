@@ -1,0 +1,70 @@
+"""The training loop under stop requests, many ranks and resumes: stops at sync points only,
+agreed across ranks; logs that do not repeat rows after a resume."""
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion.checkpoints import store as ckpt
+from diffusion.errors import Interrupted
+from diffusion.training.stop import StopRequest
+from diffusion.training.trainer import Trainer, train
+from tests.conftest import tiny_config
+
+ACCUM = ["train.grad_accum=2", "train.checkpoint_every=3"]
+
+
+def test_a_stop_inside_an_accumulation_finishes_the_step_and_resumes_exactly(tmp_path, monkeypatch):
+    """SIGTERM lands on the first micro-batch of step 2 (grad_accum=2). The run must finish that
+    optimizer step before stopping, so the checkpoint's data position counts only stepped micro-batches,
+    and the resumed run ends bit for bit where the uninterrupted one does."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny_config(straight, "train.max_steps=4", *ACCUM))
+
+    step, agreed, calls = Trainer.train_step, StopRequest.agreed, []
+
+    def signalled_step(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch)
+
+    def recorded_agreed(self, accelerator):
+        assert accelerator.sync_gradients  # asked only where gradients sync
+        return agreed(self, accelerator)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_step)
+    monkeypatch.setattr(StopRequest, "agreed", recorded_agreed, raising=False)
+    with pytest.raises(Interrupted):
+        train(tiny_config(split, "train.max_steps=4", *ACCUM))
+    monkeypatch.undo()
+    info = ckpt.read_info(ckpt.list_checkpoints(split)[-1])
+    assert (info.step, info.batch_in_epoch) == (2, 4)
+    train(tiny_config(split, "train.max_steps=4", *ACCUM), resume="auto")
+    a, b = (load_file(str(run / "final" / ckpt.EMA_FILE)) for run in (straight, split))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+class TwoRanks:
+    """An accelerator stand-in for rank 0 of two, where rank 1 got SIGTERM and rank 0 nothing."""
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self):
+        self.reductions = []
+
+    def reduce(self, tensor, reduction):
+        self.reductions.append(reduction)
+        return torch.maximum(tensor, torch.tensor([int(signal.SIGTERM)]))
+
+
+def test_the_stop_flag_is_reduced_across_ranks():
+    stop = StopRequest()
+    try:
+        acc = TwoRanks()
+        assert not stop.requested
+        assert stop.agreed(acc) and acc.reductions == ["max"]
+        assert stop.signum == signal.SIGTERM  # rank 0 stops too, and says why
+    finally:
+        stop.restore()
