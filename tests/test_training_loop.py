@@ -68,3 +68,21 @@ def test_the_stop_flag_is_reduced_across_ranks():
         assert stop.signum == signal.SIGTERM  # rank 0 stops too, and says why
     finally:
         stop.restore()
+
+
+def test_a_resume_does_not_repeat_logged_steps(tmp_path):
+    """Killed after logging steps 3-4 but before checkpointing step 4: the resume from step 2 logs 3-4
+    again, and metrics.csv and TensorBoard must list each step once."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(tmp_path, "train.max_steps=4"))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000004")
+    shutil.rmtree(tmp_path / "final")
+    train(tiny_config(tmp_path, "train.max_steps=4"), resume="auto")
+    steps = [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]

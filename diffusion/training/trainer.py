@@ -87,7 +87,7 @@ class Trainer:
             self.model = compile_model(self.model, cfg.train.compile_backend)
         self.ema.to(self.accelerator.device)
         self.accelerator.register_for_checkpointing(self.ema)
-        self.logger = MetricLogger(self.run_dir, enabled=log and self.accelerator.is_main_process)
+        self.log_metrics = log
 
     @property
     def core(self) -> torch.nn.Module:
@@ -174,6 +174,7 @@ class Trainer:
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
+        self.logger = MetricLogger(self.run_dir, enabled=self.log_metrics and acc.is_main_process, start_step=self.state.step)
         stop = StopRequest()
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="training", disable=not acc.is_main_process)
         images_per_step = cfg.train.batch_size * cfg.train.grad_accum
