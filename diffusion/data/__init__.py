@@ -24,7 +24,7 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
 
 def _build_split(cfg: DataConfig, split: str) -> torch.utils.data.Dataset:
     if cfg.name == "shapes":
-        return ShapesDataset(cfg.resolution, cfg.shapes_size, cfg.shapes_seed, split)
+        return ShapesDataset(cfg.resolution, cfg.shapes_size, cfg.shapes_seed, split, cfg.hflip)
     if cfg.name == "cifar10":
         return Cifar10(cfg.root, cfg.resolution, split, cfg.hflip, cfg.download)
     if cfg.name == "celeba":
