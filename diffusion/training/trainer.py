@@ -24,6 +24,7 @@ from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
 from ..errors import Diverged, Interrupted, UserError, first_line
+from .batches import training_augment, training_collate
 from .logger import MetricLogger
 from .preflight import preflight
 from .stop import StopRequest
@@ -73,7 +74,8 @@ class Trainer:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by {self.accelerator.num_processes} processes")
         if len(dataset) < per_device_batch:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {per_device_batch}")
-        loader = build_dataloader(dataset, cfg.data, per_device_batch, seed=cfg.train.seed)
+        loader = build_dataloader(dataset, cfg.data, per_device_batch, seed=cfg.train.seed,
+                                  augment=training_augment(cfg), collate_fn=training_collate(cfg))
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             fused=self.accelerator.device.type == "cuda",
