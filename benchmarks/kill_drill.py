@@ -104,7 +104,7 @@ def kill_in_checkpoint_write(proc: subprocess.Popen, run: Path) -> bool:
     return False
 
 
-def one_launch(args, run: Path, tally: Tally, per_step: float, rng: random.Random, kills_left: int) -> bool:
+def one_launch(args, run: Path, tally: Tally, per_step: float, rng: random.Random, plan: list[str]) -> bool:
     """Start (or resume) the drill run and maybe hit it; True once it has finished normally."""
     from diffusion.checkpoints.store import list_checkpoints
 
@@ -114,16 +114,17 @@ def one_launch(args, run: Path, tally: Tally, per_step: float, rng: random.Rando
     proc = subprocess.Popen(command(args.config, args.set, run, True), cwd=ROOT, env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tally.launches += 1
-    kind = rng.choice(KINDS) if kills_left > 0 else None
+    kills_left = len(plan) - sum(tally.kills.values())
+    kind = plan[-kills_left] if kills_left > 0 else None
     if kind is not None and wait_for_training(proc, run, launched):
         remaining = max(1, args.max_steps - logged_steps(run))
-        delay = rng.uniform(0.1, 1.9) * remaining * per_step / (kills_left + 1)
-        if kind == "SIGKILL in checkpoint write":
+        delay = rng.uniform(0.05, 1.0) * remaining * per_step / (kills_left + 1)  # leaves steps for the rest
+        deadline = time.time() + delay
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        if kind == "SIGKILL in checkpoint write":  # the next write after the random delay
             hit = kill_in_checkpoint_write(proc, run)
         else:
-            deadline = time.time() + delay
-            while proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
             hit = proc.poll() is None
             if hit:
                 proc.send_signal(signal.SIGKILL if kind == "SIGKILL" else signal.SIGTERM)
@@ -171,21 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     per_step = reference_run(args.config, args.set, reference, args.reuse_reference, args.max_steps)
     shutil.rmtree(run, ignore_errors=True)
     rng, tally = random.Random(args.seed), Tally()
+    plan = [KINDS[i % len(KINDS)] for i in range(args.kills)]  # every kind, in random order
+    rng.shuffle(plan)
     started = time.perf_counter()
     finished = False
     while not finished and tally.launches < 3 * args.kills + 10:
-        finished = one_launch(args, run, tally, per_step, rng, args.kills - sum(tally.kills.values()))
+        finished = one_launch(args, run, tally, per_step, rng, plan)
     leftovers = sorted({str(p.relative_to(run)) for pattern in TEMP_GLOBS for p in run.glob(pattern)})
     identical = finished and same_ema(reference, run)
     kills = sum(tally.kills.values())
-    print(f"kills: {kills} ({', '.join(f'{kind}: {n}' for kind, n in tally.kills.items())})")
+    print(f"kills: {kills} of {args.kills} ({', '.join(f'{kind}: {n}' for kind, n in tally.kills.items())})")
     print(f"launches: {tally.launches}, resumes: {tally.resumes}, drill seconds: {time.perf_counter() - started:.0f}")
     print(f"SIGTERM exit statuses: {tally.sigterm_statuses or 'none'}")
     print(f"leftover temporary files and folders: {leftovers or 'none'}")
     print(f"final EMA equals the uninterrupted run's bit for bit: {'yes' if identical else 'NO'}")
     for failure in tally.failures:
         print(f"FAIL: {failure}")
-    ok = finished and identical and not tally.failures
+    ok = finished and identical and not tally.failures and kills == args.kills
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
