@@ -86,3 +86,27 @@ def test_a_resume_does_not_repeat_logged_steps(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_inpainting_masks_come_with_the_batch_and_the_mask_config_is_checked_once(tmp_path, monkeypatch):
+    """The keep-masks are drawn in the data pipeline (loader workers), and the loop neither draws masks
+    nor re-checks the mask config per step."""
+    from diffusion.conditioning.inpaint import masks
+    from diffusion.training import batches
+
+    checks, draws = [], []
+    check, draw = masks.check_mask_config, masks.training_keep_masks
+    monkeypatch.setattr(batches, "check_mask_config", lambda cfg: checks.append(1) or check(cfg))
+    monkeypatch.setattr(batches, "training_keep_masks", lambda *a: draws.append(a[0]) or draw(*a))
+    losses = []
+    loss = Trainer.train_step
+
+    def recorded(self, batch):
+        assert batch["keep"].shape == (4, 1, 8, 8)  # the mask arrives with the batch
+        losses.append(1)
+        return loss(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", recorded)
+    train(tiny_config(tmp_path, "train.max_steps=3", "model.inpaint=true"))
+    assert len(losses) == 3 and checks == [1]
+    assert set(draws) == {1} and len(draws) >= 4 * len(losses)  # one mask per item (the loader reads ahead)
