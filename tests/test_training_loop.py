@@ -110,3 +110,50 @@ def test_inpainting_masks_come_with_the_batch_and_the_mask_config_is_checked_onc
     train(tiny_config(tmp_path, "train.max_steps=3", "model.inpaint=true"))
     assert len(losses) == 3 and checks == [1]
     assert set(draws) == {1} and len(draws) >= 4 * len(losses)  # one mask per item (the loader reads ahead)
+
+
+def children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(p) for p in open(path).read().split()] if os.path.exists(path) else []
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc to find the ranks")
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """Two CPU ranks (torchrun, gloo); only rank 1 gets SIGTERM. Every rank must stop after the same
+    step and save, rather than rank 1 leaving for the checkpoint while rank 0 waits in the next all-reduce."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, TINY
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+         "configs/shapes.yaml", *TINY, "train.max_steps=100000", "train.checkpoint_every=100000", f"output_dir={tmp_path}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        rank1 = [pid for pid in children(proc.pid) if rank_of(pid) == 1]
+        assert rank1, "rank 1 not found"
+        os.kill(rank1[0], signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)  # the old code hangs here until the gloo timeout
+    finally:
+        if proc.poll() is None:  # a hung job: end the ranks too, not only torchrun
+            for pid in children(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+    assert "interrupted by SIGTERM at step" in out, out[-3000:]
+    step = ckpt.read_info(ckpt.list_checkpoints(tmp_path)[-1]).step
+    assert step >= 1 and f"at step {step}: saved" in out
