@@ -62,8 +62,11 @@ def run_env() -> dict[str, str]:
 
 def reference_run(config: str, sets: list[str], out: Path, reuse: bool, max_steps: int) -> float:
     """Train the uninterrupted reference (unless reusing one); returns its training seconds per step."""
-    timing = out / "drill_seconds_per_step.txt"
+    timing, settings = out / "drill_seconds_per_step.txt", out / "drill_settings.txt"
+    wanted = " ".join([config, *DRILL, *sets])
     if reuse and (out / "final").is_dir() and timing.is_file():
+        if not settings.is_file() or settings.read_text() != wanted:  # another config: not comparable
+            sys.exit(f"--reuse-reference: {out} was trained with other settings; drop --reuse-reference")
         return float(timing.read_text())
     shutil.rmtree(out, ignore_errors=True)
     launched = time.time()
@@ -76,6 +79,7 @@ def reference_run(config: str, sets: list[str], out: Path, reuse: bool, max_step
         sys.exit(f"the reference run failed (exit {proc.returncode}):\n{log[-2000:]}")
     per_step = (time.perf_counter() - start) / max_steps
     timing.write_text(f"{per_step}\n")
+    settings.write_text(wanted)
     return per_step
 
 
