@@ -21,7 +21,7 @@ from diffusion.sampling.guidance import StepInfo
 from diffusion.sampling.loop import Guidance, Trajectory, sample_loop, seeded_noise
 from diffusion.sampling.samplers import build_sampler
 from diffusion.sampling.schedule import NoiseSchedule, epsilon_to_x0
-from diffusion.training.tasks import drop_words
+from diffusion.training.batches import drop_words
 
 from .conftest import tiny_config
 

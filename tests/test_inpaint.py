@@ -11,7 +11,7 @@ from diffusion.checkpoints.init_from import initialise_from
 from diffusion.checkpoints.load import load_model
 from diffusion.cli.sample import main as sample_main
 from diffusion.conditioning.inpaint import files, methods
-from diffusion.conditioning.inpaint.masks import HOLES, seeded_keep_mask, training_keep_masks
+from diffusion.conditioning.inpaint.masks import HOLES, check_mask_config, seeded_keep_mask, training_keep_masks
 from diffusion.config import DiffusionConfig, InpaintConfig, ModelConfig, save_config
 from diffusion.errors import UserError
 from diffusion.models import Denoiser
@@ -55,12 +55,19 @@ def test_channel_layout_and_order():
 
 
 def test_training_channels_mask_the_batch(tmp_path):
+    """Keep-masks are drawn per item in the data-loader workers; the task masks the batch with them."""
+    from diffusion.data import build_dataloader, build_dataset
+    from diffusion.training.batches import training_augment
+    from diffusion.training.tasks import DenoiserTask
+
     cfg = tiny_config(tmp_path, "model.inpaint=true")
-    x0 = torch.rand(16, 3, 8, 8) * 2 - 1
-    channels = methods.training_channels(x0, cfg)
-    keep = channels[:, 3:]
-    assert channels.shape == (16, 4, 8, 8) and set(keep.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(channels[:, :3], x0 * keep)
+    batch = next(iter(build_dataloader(build_dataset(cfg.data), cfg.data, 16, augment=training_augment(cfg))))
+    keep = batch["keep"]
+    assert keep.shape == (16, 1, 8, 8) and set(keep.unique().tolist()) <= {0.0, 1.0}
+    model = Denoiser(cfg.model, 8, 12)
+    channels = DenoiserTask(cfg).condition(model, batch, batch["image"])["channels"]
+    assert channels.shape == (16, 4, 8, 8)
+    assert torch.equal(channels[:, :3], batch["image"] * keep) and torch.equal(channels[:, 3:], keep)
 
 
 def test_mask_file_round_trip(tmp_path):
@@ -113,7 +120,7 @@ def test_mask_mix_follows_the_config():
     assert abs(float((cover == 0).float().mean()) - 0.2) < 0.04
     assert abs(float((cover == 1).float().mean()) - 0.3) < 0.04
     with pytest.raises(UserError):
-        training_keep_masks(2, 16, InpaintConfig(all_known=0.8, all_unknown=0.5))
+        check_mask_config(InpaintConfig(all_known=0.8, all_unknown=0.5))
 
 
 def reference_schedule_jump(t_T: int, jump_length: int, jump_n_sample: int) -> list[int]:

@@ -41,7 +41,7 @@ def load_low_res(path: str | Path, resolution: int) -> torch.Tensor:
         image = load_rgb(path)
     except UserError:
         raise UserError(f"--low-res {path} is not an image PIL can read (PNG, JPEG, ...)") from None
-    return up.quantise(image_transform(resolution, hflip=False)(image).unsqueeze(0))
+    return up.quantise(image_transform(resolution)(image).unsqueeze(0))
 
 
 def aug_level(args: argparse.Namespace, loaded: LoadedModel) -> int:

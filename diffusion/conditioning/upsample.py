@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, UpsampleConfig
+from ..data.items import ItemRandom, dataset_item
 from ..errors import UserError
 from ..sampling.schedule import NoiseSchedule
 
@@ -91,7 +92,14 @@ class WithLowRes(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = dict(self.dataset[index])
+        return self._add_low_res(self.dataset[index])
+
+    def item(self, index: int, rng: ItemRandom) -> dict[str, Any]:
+        """Item `index` of a dataset that draws per item (`diffusion.data.items`), with its low-res input."""
+        return self._add_low_res(dataset_item(self.dataset, index, rng))
+
+    def _add_low_res(self, item: dict) -> dict[str, Any]:
+        item = dict(item)
         item["low_res"] = make_low_res(item["image"].unsqueeze(0), self.cfg)[0]
         return item
 

@@ -1,12 +1,15 @@
 """Datasets: every item is {"image": (3,H,W) in [-1, 1], "label": int, "caption": str}."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..config import DataConfig
 from .celeba import CelebA
 from .cifar import Cifar10
 from .imagefolder import ImageFolder
+from .items import EpochItems, EpochSampler, ItemRandom
 from .shapes import ShapesDataset
 from .subset import NestedSubset
 
@@ -24,7 +27,7 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
 
 def _build_split(cfg: DataConfig, split: str) -> torch.utils.data.Dataset:
     if cfg.name == "shapes":
-        return ShapesDataset(cfg.resolution, cfg.shapes_size, cfg.shapes_seed, split)
+        return ShapesDataset(cfg.resolution, cfg.shapes_size, cfg.shapes_seed, split, cfg.hflip)
     if cfg.name == "cifar10":
         return Cifar10(cfg.root, cfg.resolution, split, cfg.hflip, cfg.download)
     if cfg.name == "celeba":
@@ -40,12 +43,15 @@ def pins_memory(cfg: DataConfig) -> bool:
 
 
 def build_dataloader(dataset: torch.utils.data.Dataset, cfg: DataConfig, batch_size: int, shuffle: bool = True,
-                     drop_last: bool = True, seed: int = 0) -> torch.utils.data.DataLoader:
-    """A loader with its own generator, so starting an iterator never draws from the global RNG
-    (which would make a resumed run's noise differ from an uninterrupted one's)."""
+                     drop_last: bool = True, seed: int = 0, augment: Callable[[dict, ItemRandom], dict] | None = None,
+                     collate_fn: Callable[[list[dict]], dict] | None = None) -> torch.utils.data.DataLoader:
+    """A loader whose order and per-item draws (flip, caption template, `augment`) are functions of
+    (seed, epoch, index) (see `items.py`), so any worker count resumes exactly. It has its own generator,
+    so starting an iterator never draws from the global RNG (which would make a resumed run's noise
+    differ from an uninterrupted one's). Set the epoch with the loader's `set_epoch` (accelerate's)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-        pin_memory=pins_memory(cfg),
+        EpochItems(dataset, seed, augment), batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
+        drop_last=drop_last, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        pin_memory=pins_memory(cfg), collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed),
     )

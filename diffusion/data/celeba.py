@@ -13,6 +13,7 @@ from torchvision import transforms
 
 from ..errors import UserError
 from .common import check_text_file, load_rgb, sample_dict
+from .items import ItemRandom, random_hflip
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 
@@ -116,10 +117,10 @@ class CelebA(torch.utils.data.Dataset):
             ",".join(f"{a}={bool(i >> b & 1)}" for b, a in enumerate(self.attributes)) or "face"
             for i in range(self.num_classes)
         )
+        self.hflip = hflip  # drawn per item (items.random_hflip), after the crop and resize as before
         self.transform = transforms.Compose([
             transforms.CenterCrop(178),
             transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-            *([transforms.RandomHorizontalFlip()] if hflip else []),
             transforms.ToTensor(),
             transforms.Normalize([0.5] * 3, [0.5] * 3),
         ])
@@ -130,8 +131,12 @@ class CelebA(torch.utils.data.Dataset):
     def attribute_dict(self, index: int) -> dict[str, bool]:
         return {n: v > 0 for n, v in zip(self.attr_names, self.table[self.files[index]])}
 
-    def __getitem__(self, index: int) -> dict:
+    def item(self, index: int, rng: ItemRandom) -> dict:
+        """Item `index`, its flip drawn from `rng`."""
         attrs = self.attribute_dict(index)
         label = sum(1 << b for b, a in enumerate(self.attributes) if attrs[a])
-        image = self.transform(load_rgb(self.images / self.files[index]))
+        image = random_hflip(self.transform(load_rgb(self.images / self.files[index])), self.hflip, rng)
         return sample_dict(image, label, attribute_caption(attrs))
+
+    def __getitem__(self, index: int) -> dict:
+        return self.item(index, ItemRandom.of(0, 0, index))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,15 @@ from torchvision.datasets import CIFAR10, VisionDataset
 
 from ..errors import UserError
 from .common import image_transform, sample_dict, template_caption
+from .items import ItemRandom, random_hflip
 from .safe_pickle import ForbiddenPickle, load_data_pickle
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-def class_caption(name: str) -> str:
-    """A varied caption: a random template per access ("a blurry photo of a cat", "an airplane")."""
-    return template_caption(name)
+def class_caption(name: str, rng: random.Random | None = None) -> str:
+    """A varied caption: a random template per item ("a blurry photo of a cat", "an airplane")."""
+    return template_caption(name, rng)
 
 
 class _CIFAR10(CIFAR10):
@@ -68,7 +70,7 @@ class Cifar10(torch.utils.data.Dataset):
     def __init__(self, root: str, resolution: int, split: str = "train", hflip: bool = False, download: bool = True):
         if split not in ("train", "test"):
             raise UserError(f"cifar10 has splits train and test, not '{split}'")
-        self.transform = image_transform(resolution, hflip)
+        self.transform, self.hflip = image_transform(resolution), hflip
         train = split == "train"
         try:
             self.data = _CIFAR10(root, train=train, download=False)
@@ -95,6 +97,11 @@ class Cifar10(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> dict:
+    def item(self, index: int, rng: ItemRandom) -> dict:
+        """Item `index`, its flip and caption template drawn from `rng`."""
         image, label = self.data[index]
-        return sample_dict(self.transform(image), int(label), class_caption(CLASS_NAMES[label]))
+        image = random_hflip(self.transform(image), self.hflip, rng)
+        return sample_dict(image, int(label), class_caption(CLASS_NAMES[label], rng.py))
+
+    def __getitem__(self, index: int) -> dict:
+        return self.item(index, ItemRandom.of(0, 0, index))

@@ -11,16 +11,15 @@ from torchvision import transforms
 from ..errors import UserError
 
 
-def image_transform(resolution: int, hflip: bool) -> transforms.Compose:
-    """Resize the short side, centre-crop, optional flip, to a tensor in [-1, 1]."""
-    steps = [
+def image_transform(resolution: int) -> transforms.Compose:
+    """Resize the short side, centre-crop, to a tensor in [-1, 1]. The training flip is drawn per item
+    (`items.random_hflip`), so it is not a transform here."""
+    return transforms.Compose([
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
         transforms.CenterCrop(resolution),
-    ]
-    if hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
-    return transforms.Compose(steps)
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),
+    ])
 
 
 def check_text_file(path: Path, what: str) -> None:
@@ -55,7 +54,8 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 
 
 def template_caption(name: str, rng: random.Random | None = None) -> str:
-    """A caption for a class name from a random template ("a blurry photo of a cat", "an airplane")."""
+    """A caption for a class name from a random template ("a blurry photo of a cat", "an airplane");
+    datasets pass their item's generator, so the choice is a function of (seed, epoch, index)."""
     template = (rng or random).choice(CAPTION_TEMPLATES)
     article = "an" if name[:1].lower() in "aeiou" else "a"
     return template.format(a=article, name=name.replace("_", " "))

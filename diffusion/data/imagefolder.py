@@ -9,6 +9,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import UserError
 from .common import image_transform, load_rgb, sample_dict, template_caption
+from .items import ItemRandom, random_hflip
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -51,16 +52,21 @@ class ImageFolder(torch.utils.data.Dataset):
         meta = base / "metadata.jsonl"
         self.captions = _read_metadata(meta) if meta.is_file() else {}
         self.base = base
-        self.transform = image_transform(resolution, hflip)
+        self.transform, self.hflip = image_transform(resolution), hflip
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def caption(self, index: int) -> str:
+    def caption(self, index: int, rng: ItemRandom | None = None) -> str:
         path, label = self.samples[index]
         text = self.captions.get(path.relative_to(self.base).as_posix())
-        return text if text is not None else template_caption(self.class_names[label])
+        return text if text is not None else template_caption(self.class_names[label], rng.py if rng else None)
+
+    def item(self, index: int, rng: ItemRandom) -> dict:
+        """Item `index`, its flip and caption template drawn from `rng`."""
+        path, label = self.samples[index]
+        image = random_hflip(self.transform(load_rgb(path)), self.hflip, rng)
+        return sample_dict(image, label, self.caption(index, rng))
 
     def __getitem__(self, index: int) -> dict:
-        path, label = self.samples[index]
-        return sample_dict(self.transform(load_rgb(path)), label, self.caption(index))
+        return self.item(index, ItemRandom.of(0, 0, index))

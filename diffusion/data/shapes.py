@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .items import ItemRandom, random_hflip
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 200, 60),
@@ -77,8 +79,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     class_names = CLASS_NAMES
     num_classes = len(CLASS_NAMES)
 
-    def __init__(self, resolution: int = 32, size: int = 10000, seed: int = 0, split: str = "train"):
-        self.resolution = resolution
+    def __init__(self, resolution: int = 32, size: int = 10000, seed: int = 0, split: str = "train",
+                 hflip: bool = False):
+        self.resolution, self.hflip = resolution, hflip  # a mirrored shape keeps its class and caption
         self.size = size
         self.seed = seed if split == "train" else seed + 7919
         self._cache: dict[int, np.ndarray] = {}
@@ -90,11 +93,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         return sample_attributes(self.seed, index)
 
     def __getitem__(self, index: int) -> dict:
+        return self.item(index, ItemRandom.of(0, 0, index))
+
+    def item(self, index: int, rng: ItemRandom) -> dict:
+        """Item `index`, its flip (data.hflip) drawn from `rng`."""
         attrs = self.attributes(index)
         pixels = self._cache.get(index)
         if pixels is None:
             pixels = self._cache[index] = render(attrs, self.resolution)
-        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
+        image = random_hflip(torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0, self.hflip, rng)
         return {
             "image": image,
             "label": class_index(attrs["colour"], attrs["shape"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from .items import ItemRandom, dataset_item
 
 
 def nested_subset_indices(total: int, size: int, seed: int) -> list[int]:
@@ -32,3 +33,6 @@ class NestedSubset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.base[self.indices[index]]
+
+    def item(self, index: int, rng: ItemRandom) -> dict:
+        return dataset_item(self.base, self.indices[index], rng)

@@ -207,7 +207,8 @@ class Denoiser(nn.Module):
             captions = list(batch["caption"])
             if not self.preview_prompts:
                 self.preview_prompts = captions
-            return {"tokens": self.tokenize(captions).to(batch["image"].device)}
+            tokens = batch["tokens"] if "tokens" in batch else self.tokenize(captions)  # training: tokenised in workers
+            return {"tokens": tokens.to(batch["image"].device)}
         return {}
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..checkpoints.store import named_weights
-from ..conditioning.inpaint.methods import training_channels
+from ..conditioning.inpaint.methods import inpaint_channels
 from ..conditioning.upsample import training_condition
 from ..config import Config
 from ..evaluate import classifier as classifier_eval
@@ -59,8 +59,8 @@ class DenoiserTask:
         if core.upsample:  # the dataset's low-res input, upsampled and noise-augmented
             self.schedule = self.schedule.to(x0.device)
             cond.update(training_condition(batch["low_res"].to(x0.device), self.cfg, self.schedule))
-        elif core.extra_channels:  # in-painting: masked image + keep-mask
-            cond["channels"] = training_channels(x0, self.cfg)
+        elif core.extra_channels:  # in-painting: masked image + the keep-mask drawn per item (training.batches)
+            cond["channels"] = inpaint_channels(x0, batch["keep"])
         return cond
 
     def loss(self, model, core, batch):
@@ -133,20 +133,6 @@ class ClassifierTask:
         self.report(core, out_dir, classifier_eval.REPORT_NAME, "noisy classifier, final")
 
 
-def drop_words(captions: list[str], prob: float) -> list[str]:
-    """Caption augmentation (train.caption_word_drop): each word but the first dropped with probability
-    `prob`, so long captions (CelebA's attribute lists) also teach their partial descriptions."""
-    if prob <= 0:
-        return list(captions)
-    out = []
-    for caption in captions:
-        words = caption.split()
-        keep = torch.rand(len(words)) >= prob
-        keep[0] = True
-        out.append(" ".join(w for w, k in zip(words, keep.tolist()) if k))
-    return out
-
-
 class ClipTask:
     """Contrastive training of NoisyCLIP on (x_t, caption) pairs with t uniform over the schedule.
 
@@ -167,8 +153,7 @@ class ClipTask:
         x0 = batch["image"]
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         x_t = self.scheduler.add_noise(x0, torch.randn_like(x0), t)
-        captions = drop_words(batch["caption"], self.cfg.train.caption_word_drop)
-        image, text, scale = model(x_t, t, core.tokenize(captions))
+        image, text, scale = model(x_t, t, batch["tokens"])  # word drop and tokens: diffusion.training.batches
         return self.loss_fn(image.float(), text.float(), scale.float()), {}
 
     def preview(self, core, step, run_dir):

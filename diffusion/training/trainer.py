@@ -26,32 +26,11 @@ from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
 from ..errors import Diverged, Interrupted, UserError
+from .batches import training_augment, training_collate
 from .logger import MetricLogger
 from .preflight import preflight
+from .stop import StopRequest
 from .tasks import Task, build_task
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag so the loop can checkpoint before exiting."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def resolve_dataset_info(cfg: Config, dataset) -> list[str]:
@@ -100,7 +79,8 @@ class Trainer:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by {self.accelerator.num_processes} processes")
         if len(dataset) < per_device_batch:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {per_device_batch}")
-        loader = build_dataloader(dataset, cfg.data, per_device_batch, seed=cfg.train.seed)
+        loader = build_dataloader(dataset, cfg.data, per_device_batch, seed=cfg.train.seed,
+                                  augment=training_augment(cfg), collate_fn=training_collate(cfg))
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             fused=self.accelerator.device.type == "cuda",
@@ -113,7 +93,7 @@ class Trainer:
         if cfg.train.compile:  # last, around any DDP wrapper, as accelerate does
             self.model = compile_model(self.model, cfg.train.compile_backend)
         self.ema.to(self.accelerator.device)  # saved as safetensors + JSON, not registered (see checkpoints.ema_state)
-        self.logger = MetricLogger(self.run_dir, enabled=log and self.accelerator.is_main_process)
+        self.log_metrics = log
 
     @property
     def core(self) -> torch.nn.Module:
@@ -199,6 +179,7 @@ class Trainer:
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
+        self.logger = MetricLogger(self.run_dir, enabled=self.log_metrics and acc.is_main_process, start_step=self.state.step)
         stop = StopRequest()
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="training", disable=not acc.is_main_process)
         images_per_step = cfg.train.batch_size * cfg.train.grad_accum
@@ -207,7 +188,7 @@ class Trainer:
         saved = self.resume_from
         try:
             batches = self.batches()
-            while self.state.step < cfg.train.max_steps and not stop.requested:
+            while self.state.step < cfg.train.max_steps:
                 loss = self.train_step(next(batches))
                 loss_sum += loss
                 loss_count += 1
@@ -236,6 +217,8 @@ class Trainer:
                 if step % cfg.train.checkpoint_every == 0:
                     saved = self.save_checkpoint()
                     last_saved = step
+                if stop.agreed(acc):  # only here, after a real optimizer step, and on every rank at once
+                    break
             if last_saved != self.state.step:
                 saved = self.save_checkpoint()
             if self.state.step >= cfg.train.max_steps and acc.is_main_process:

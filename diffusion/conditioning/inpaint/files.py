@@ -47,7 +47,7 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--image not found: {path}")
-    return image_transform(resolution, hflip=False)(load_rgb(path)).unsqueeze(0)
+    return image_transform(resolution)(load_rgb(path)).unsqueeze(0)
 
 
 def load_mask(path: str | Path, resolution: int, invert: bool = False) -> torch.Tensor:

@@ -104,8 +104,8 @@ def check_mask_config(cfg: InpaintConfig) -> None:
 
 
 def training_keep_masks(n: int, resolution: int, cfg: InpaintConfig, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Keep-masks (n, 1, R, R), 1 = known: all-known, all-unknown, or one weighted mask type each."""
-    check_mask_config(cfg)
+    """Keep-masks (n, 1, R, R), 1 = known: all-known, all-unknown, or one weighted mask type each.
+    `cfg` must have passed `check_mask_config` (done once, when the training data is set up)."""
     u = torch.rand((n,), generator=gen)
     weights = torch.tensor([getattr(cfg, kind) for kind in MASK_TYPES], dtype=torch.float32)
     kind = torch.multinomial(weights, n, replacement=True, generator=gen)

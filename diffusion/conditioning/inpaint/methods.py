@@ -23,7 +23,6 @@ from ...sampling.guidance import ModelFn, StepInfo
 from ...sampling.loop import Loop, PostStep, Progress, Trajectory
 from ...sampling.plan import KnownPixels, SampleItem, SamplerSettings, SamplingPlan, run_plan
 from ...sampling.samplers import noise_from
-from .masks import training_keep_masks
 
 METHODS = ("channels", "replace", "repaint")
 
@@ -39,12 +38,6 @@ def inpaint_channels(image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def unknown_channels(batch: int, resolution: int) -> torch.Tensor:
     """The channels of an all-unknown mask (nothing known: plain generation)."""
     return torch.zeros(batch, INPAINT_CHANNELS, resolution, resolution)
-
-
-def training_channels(x0: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Extra input channels for one training batch, with masks drawn as `cfg.inpaint` says."""
-    keep = training_keep_masks(x0.shape[0], x0.shape[-1], cfg.inpaint).to(x0.device)
-    return inpaint_channels(x0, keep)
 
 
 def is_inpaint_model(cfg: Config) -> bool:
