@@ -18,7 +18,6 @@ from diffusion.data import build_dataset
 from diffusion.evaluate.upsample import high_frequency_power
 from diffusion.models import Denoiser
 from diffusion.sampling.schedule import NoiseSchedule
-from diffusion.training.trainer import train
 from tests.conftest import UP, tiny_config
 
 
