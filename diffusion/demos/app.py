@@ -23,8 +23,10 @@ from . import backend as B  # noqa: E402
 MAX_FILE_SIZE = "10mb"
 EXAMPLE_SIDE = 256  # example images are enlarged (nearest) so the brush can be placed pixel by pixel
 ANY_CLASS = -1
-CSS = ("#gen-gallery img, #ip-strip img, #up-lowres img, #up-bicubic img, #up-result img "
-       "{ image-rendering: pixelated; }")  # small images: sharp pixels, no blur
+UP_SIDE = 200  # the Upscale tab's three pictures are shown this tall, enlarged (nearest)
+CSS = ("#gen-gallery img, #ip-strip img { image-rendering: pixelated; }"  # small images: sharp pixels, no blur
+       "#up-lowres img, #up-bicubic img, #up-result img "  # and enlarged to the box, side by side
+       "{ image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }")
 
 
 def import_gradio():
@@ -232,12 +234,12 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                         up_go = gr.Button("Upscale", variant="primary", elem_id="up-button")
                     with gr.Column():
                         with gr.Row():
-                            gr_low = gr.Image(label=f"low-res input ({low}px)", type="pil", format="png",
-                                              interactive=False, elem_id="up-lowres")
-                            gr_bicubic = gr.Image(label=f"bicubic ({high}px)", type="pil", format="png",
-                                                  interactive=False, elem_id="up-bicubic")
-                            gr_result = gr.Image(label=f"diffusion upsampler ({high}px)", type="pil", format="png",
-                                                 interactive=False, elem_id="up-result")
+                            gr_low = gr.Image(label=f"input {low}px", type="pil", format="png",
+                                              interactive=False, height=UP_SIDE, min_width=80, buttons=["fullscreen"], elem_id="up-lowres")
+                            gr_bicubic = gr.Image(label=f"bicubic {high}px", type="pil", format="png",
+                                                  interactive=False, height=UP_SIDE, min_width=80, buttons=["fullscreen"], elem_id="up-bicubic")
+                            gr_result = gr.Image(label=f"diffusion {high}px", type="pil", format="png",
+                                                 interactive=False, height=UP_SIDE, min_width=80, buttons=["fullscreen"], elem_id="up-result")
                         up_files = gr.File(label="result PNG (with metadata), bicubic, low-res and input.png",
                                            file_count="multiple", elem_id="up-files")
                         up_command = gr.Textbox(label="reproduce with", lines=2, buttons=["copy"], elem_id="up-command")
