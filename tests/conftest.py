@@ -18,6 +18,7 @@ TINY = [
     "diffusion.num_train_timesteps=100", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
     "train.sample_every=0", "train.checkpoint_every=2", "sample.steps=3", "sample.num_samples=2",
 ]
+UP = ["data.resolution=16", "model.upsample=true", "upsample.factor=2"]  # 8 -> 16: chains with tiny_run (8 px)
 
 
 def tiny_config(tmp: Path, *extra: str, config: str = "configs/shapes.yaml"):
@@ -33,4 +34,14 @@ def tiny_run(tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("tiny_run")
     train(tiny_config(run, "train.max_steps=4"))
+    return run
+
+
+@pytest.fixture(scope="session")
+def up_run(tmp_path_factory) -> Path:
+    """A class-conditional 8 -> 16 shapes upsampler trained for 2 steps through the ordinary loop."""
+    from diffusion.training.trainer import train
+
+    run = tmp_path_factory.mktemp("up_run")
+    train(tiny_config(run, "train.max_steps=2", *UP))
     return run

@@ -1,4 +1,4 @@
-"""The demo app in a real headless Chromium: paint a mask with the mouse, in-paint, generate, download.
+"""The demo app in a real headless Chromium: paint a mask with the mouse, in-paint, generate, upscale, download.
 
 Needs the Debian `chromium` package (`apt-get install -y chromium`; Playwright drives it through
 `executable_path`, no `playwright install`) and the `[dev]` extra (gradio, playwright).
@@ -31,11 +31,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_run):
+def app(tiny_run, up_run):
     from diffusion.demos import app as demo_app
     from diffusion.demos import backend
 
-    models = backend.load_models(backend.DemoPaths(str(tiny_run), device="cpu"))
+    models = backend.load_models(backend.DemoPaths(str(tiny_run), upsampler=str(up_run), device="cpu"))
     demo = demo_app.build_app(models)
     port = free_port()
     demo_app.launch(demo, "127.0.0.1", port, block=False)
@@ -140,3 +140,88 @@ def test_generate_a_class_and_reproduce_it_with_sample_py(app, page, tmp_path):
     sample_main(argv)
     again = np.asarray(Image.open(tmp_path / "again" / "sample_0000.png"))
     np.testing.assert_array_equal(again, np.asarray(Image.open(files[1])))
+
+
+def upload_file(page, zone: str, path: Path) -> None:
+    """Pick a file for a gr.File as a user does: click its drop zone, choose the file."""
+    with page.expect_file_chooser() as chooser:
+        page.locator(zone).get_by_text("Click to Upload").click()
+    chooser.value.set_files(str(path))
+    page.locator(f'{zone} td[aria-label="{path.name}"]').wait_for(timeout=20_000)
+
+
+def set_number(page, selector: str, value: str) -> None:
+    field = page.locator(selector)
+    field.fill(value)
+    field.press("Tab")
+
+
+def test_upscale_an_upload_and_reproduce_it_with_sample_py(app, page, tmp_path):
+    from diffusion.cli.sample import main as sample_main
+
+    small = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)  # the upsampler's 8 px input
+    Image.fromarray(small).save(tmp_path / "small.png")
+    (tmp_path / "notes.png").write_text("not an image")
+
+    page.get_by_role("tab", name="Upscale").click()
+    upload_file(page, "#up-upload", tmp_path / "notes.png")
+    page.locator("#up-button").click()  # an unreadable upload: a message in the page, not a traceback
+    page.get_by_text("notes.png is not an image").first.wait_for(timeout=20_000)
+    page.locator("#up-upload").get_by_label("Clear").first.click()
+    upload_file(page, "#up-upload", tmp_path / "small.png")
+    for selector, bad, message in [("#up-aug input", "1.5", "got 1.5"), ("#up-steps input", "0", "steps must be 1..100")]:
+        set_number(page, selector, bad)
+        page.locator("#up-button").click()
+        page.get_by_text(message).first.wait_for(timeout=20_000)
+    set_number(page, "#up-steps input", "3")
+    set_number(page, "#up-aug input", "0.2")
+    set_number(page, "#up-seed input", "5")
+    page.locator("#up-class input").click()
+    page.get_by_role("option", name="4: red square").click()
+    page.locator("#up-button").click()
+    page.locator('#up-files a[download="sample_0000.png"]').wait_for(timeout=60_000)
+    result = Image.open(download(page, '#up-files a[download="sample_0000.png"]', tmp_path / "sr.png"))
+    bicubic = Image.open(download(page, '#up-files a[download="bicubic_0000.png"]', tmp_path / "bicubic.png"))
+
+    assert result.size == bicubic.size == (16, 16)  # the upsampler's resolution (8 px x factor 2)
+    meta = result.text
+    assert meta["seed"] == "5" and meta["aug_level"] == "20" and meta["label"] == "4" and meta["class_name"] == "red square"
+    assert meta["sampler"] == "ddim" and meta["steps"] == "3" and meta["checkpoint"].endswith("step-000002")
+    assert meta["low_res"].endswith("input.png")
+
+    command = page.locator("#up-command textarea").input_value().splitlines()[0]
+    argv = shlex.split(command)[2:]
+    assert argv[argv.index("--low-res") + 1] == "input.png" and argv[argv.index("--aug-level") + 1] == "0.2"
+    argv[argv.index("--low-res") + 1] = str(tmp_path / "small.png")  # the same pixels as the page's input.png
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    sample_main(argv)
+    for name, picture in [("sample", result), ("bicubic", bicubic)]:
+        again = np.asarray(Image.open(tmp_path / "again" / f"{name}_0000.png"))
+        np.testing.assert_array_equal(again, np.asarray(picture.convert("RGB")))
+
+
+def test_cascade_from_a_generated_image_equals_sample_py_cascade(app, page, tmp_path):
+    from diffusion.cli.sample import main as sample_main
+
+    models, _ = app
+    page.locator("#gen-class input").click()
+    page.get_by_role("option", name="6: blue square").click()
+    set_number(page, "#gen-seed input", "11")
+    set_number(page, "#gen-count input[type=number]", "1")
+    page.locator("#gen-button").click()
+    page.locator('#gen-files a[download="sample_0000.png"]').wait_for(timeout=60_000)
+
+    page.get_by_role("tab", name="Upscale").click()
+    page.locator("#up-cascade").click()
+    page.locator('#up-upload td[aria-label="sample_0000.png"]').wait_for(timeout=20_000)
+    assert page.locator("#up-seed input").input_value() == "11"
+    assert page.locator("#up-class input").input_value() == "6: blue square"
+    page.locator("#up-button").click()
+    page.locator('#up-files a[download="sample_0000.png"]').wait_for(timeout=60_000)
+    result = Image.open(download(page, '#up-files a[download="sample_0000.png"]', tmp_path / "sr.png"))
+    assert result.size == (16, 16) and result.text["seed"] == "11" and result.text["label"] == "6"
+
+    out = tmp_path / "cascade"  # the same two stages through sample.py's cascade
+    sample_main(["--checkpoint", str(models.paths.checkpoint), "--upsampler", str(models.paths.upsampler),
+                 "--class-label", "6", "--seed", "11", "--num-samples", "1", "--out", str(out)])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "sample_0000.png")), np.asarray(result.convert("RGB")))

@@ -18,10 +18,7 @@ from diffusion.data import build_dataset
 from diffusion.evaluate.upsample import high_frequency_power
 from diffusion.models import Denoiser
 from diffusion.sampling.schedule import NoiseSchedule
-from diffusion.training.trainer import train
-from tests.conftest import tiny_config
-
-UP = ["data.resolution=16", "model.upsample=true", "upsample.factor=2"]  # 8 -> 16: chains with tiny_run (8 px)
+from tests.conftest import UP, tiny_config
 
 
 def tiny_model_config(**changes) -> ModelConfig:
@@ -35,14 +32,6 @@ def write_checkpoint(model: torch.nn.Module, cfg, directory) -> None:
     ckpt.write_weights(directory / ckpt.EMA_FILE, ckpt.named_weights(model))
     save_config(cfg, directory / ckpt.CONFIG_FILE)
     ckpt.write_info(directory, ckpt.TrainState())
-
-
-@pytest.fixture(scope="module")
-def up_run(tmp_path_factory):
-    """A class-conditional 8 -> 16 shapes upsampler trained for 2 steps through the ordinary loop."""
-    run = tmp_path_factory.mktemp("up_run")
-    train(tiny_config(run, "train.max_steps=2", *UP))
-    return run
 
 
 def test_channels_are_the_bilinear_upsample_of_the_quantised_low_res(tmp_path):

@@ -1,8 +1,8 @@
-"""A browser demo: generate, and in-paint with a brush, from trained runs (Gradio).
+"""A browser demo: generate, in-paint with a brush, and upscale, from trained runs (Gradio).
 
   pip install -e ".[demo]"
   python -m diffusion.demos.app --checkpoint runs/shapes [--inpaint-checkpoint runs/inpaint_shapes]
-      [--classifier RUN] [--clip RUN] [--port 7860] [--host 127.0.0.1]
+      [--upsampler runs/upsample_shapes] [--classifier RUN] [--clip RUN] [--port 7860] [--host 127.0.0.1]
 
 The runs are loaded once; requests are queued and run one at a time. Every result is a PNG with
 the metadata sample.py writes, next to the `python sample.py ...` command that reproduces it.
@@ -23,7 +23,10 @@ from . import backend as B  # noqa: E402
 MAX_FILE_SIZE = "10mb"
 EXAMPLE_SIDE = 256  # example images are enlarged (nearest) so the brush can be placed pixel by pixel
 ANY_CLASS = -1
-CSS = "#gen-gallery img, #ip-strip img { image-rendering: pixelated; }"  # small images: sharp pixels, no blur
+UP_SIDE = 200  # the Upscale tab's three pictures are shown this tall, enlarged (nearest)
+CSS = ("#gen-gallery img, #ip-strip img { image-rendering: pixelated; }"  # small images: sharp pixels, no blur
+       "#up-lowres img, #up-bicubic img, #up-result img "  # and enlarged to the box, side by side
+       "{ image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }")
 
 
 def import_gradio():
@@ -84,6 +87,7 @@ def request_from(info: B.ModelInfo, label, prompt, negative, scale, sampler, ste
 def build_app(models: B.Models, title: str = "diffusion demo"):
     gr = import_gradio()
     info, inpaint_info = models.info("base"), models.info("inpaint")
+    up_info = models.info("upsampler") if models.upsampler is not None else None
     paths = models.paths
 
     def condition_controls(info: B.ModelInfo, prefix: str):
@@ -141,9 +145,42 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
         command = B.batch_command(models, request, inpaint=True) + "\n# image.png and mask.png are in the downloads"
         return out.strip, [str(result.path), *map(str, out.files)], command
 
+    @shown_errors
+    def on_upscale(upload, label, prompt, negative, scale, sampler, steps, seed, aug, progress=gr.Progress()):
+        image = B.read_upload(upload)
+        request = request_from(up_info, label, prompt, negative, scale, sampler, steps, seed, 1, None, None, 0, None,
+                               None, None)
+        request.aug_level = None if optional(aug) is None else float(aug)
+        out = B.upscale(models, image, request, lambda done, total: progress((done, total), desc="upscaling", unit="steps"))
+        return (out.low_res, out.bicubic, out.result.image, [str(f) for f in out.files],
+                B.upscale_command(models, request) + "\n# input.png is in the downloads")
+
+    @shown_errors
+    def on_cascade(generated):
+        path, meta = B.cascade_source(models, generated)
+        label = int(meta["label"]) if "label" in meta and up_info.condition == "class" else gr.update()
+        prompt = meta["prompt"] if "prompt" in meta and up_info.condition == "text" else gr.update()
+        return path, int(meta.get("seed", 0)), label, prompt
+
+    def upscale_controls(info: B.ModelInfo):
+        """The upsampler's class or prompt (a class is needed: one image per request), guidance, sampler, seed."""
+        classes = info.class_names if info.condition == "class" else []
+        label = gr.Dropdown([(f"{i}: {n}", i) for i, n in enumerate(classes)], value=0 if classes else ANY_CLASS,
+                            label="class", visible=bool(classes), elem_id="up-class")
+        prompt = gr.Textbox(label="prompt", visible=info.condition == "text", elem_id="up-prompt")
+        negative = gr.Textbox(label="negative prompt", visible=info.condition == "text", elem_id="up-negative")
+        scale = gr.Slider(0, 10, value=info.guidance_scale, step=0.5, label="guidance scale (0 unconditional, 1 conditional)",
+                          visible=info.condition != "none", elem_id="up-scale")
+        with gr.Row():
+            sampler = gr.Dropdown(list(B.SAMPLERS), value=info.sampler, label="sampler", elem_id="up-sampler")
+            steps = gr.Number(info.steps, precision=0, label=f"steps (1..{info.num_train_timesteps})", elem_id="up-steps")
+            seed = gr.Number(0, precision=0, label="seed (also the aug noise's)", elem_id="up-seed")
+        return label, prompt, negative, scale, sampler, steps, seed
+
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}\n`{models.base.path}`: {info.condition}-conditional, {info.resolution}x{info.resolution}"
-                    + (f"; in-painting run `{models.inpainter.path}`" if paths.inpaint_checkpoint else ""))
+                    + (f"; in-painting run `{models.inpainter.path}`" if paths.inpaint_checkpoint else "")
+                    + (f"; upsampler `{models.upsampler.path}`" if up_info else ""))
         with gr.Tab("Generate", elem_id="tab-generate"):
             with gr.Row():
                 with gr.Column():
@@ -182,6 +219,34 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
             ip_command = gr.Textbox(label="reproduce with", lines=2, buttons=["copy"], elem_id="ip-command")
             ip_go.click(on_inpaint, [editor, *ip_common, *ip_extra, method, jump_length, jump_n_sample],
                         [strip, ip_files, ip_command], concurrency_limit=1)
+
+        if up_info is not None:
+            with gr.Tab("Upscale", elem_id="tab-upscale"):
+                low, high = up_info.low_resolution, up_info.resolution
+                with gr.Row():
+                    with gr.Column():
+                        up_file = gr.File(label=f"low-res image (resized and centre-cropped to {low}x{low})",
+                                          file_types=["image"], elem_id="up-upload")
+                        cascade = gr.Button("use the first image of the last Generate (cascade)", elem_id="up-cascade")
+                        up_label, up_prompt, up_negative, up_scale, up_sampler, up_steps, up_seed = upscale_controls(up_info)
+                        aug = gr.Number(up_info.aug_level, step=0.05, label="aug level: noise on the low-res input, "
+                                        "a fraction of the training timesteps in [0, 1] (0 = clean)", elem_id="up-aug")
+                        up_go = gr.Button("Upscale", variant="primary", elem_id="up-button")
+                    with gr.Column():
+                        with gr.Row():
+                            gr_low = gr.Image(label=f"input {low}px", type="pil", format="png",
+                                              interactive=False, height=UP_SIDE, min_width=80, buttons=["fullscreen"], elem_id="up-lowres")
+                            gr_bicubic = gr.Image(label=f"bicubic {high}px", type="pil", format="png",
+                                                  interactive=False, height=UP_SIDE, min_width=80, buttons=["fullscreen"], elem_id="up-bicubic")
+                            gr_result = gr.Image(label=f"diffusion {high}px", type="pil", format="png",
+                                                 interactive=False, height=UP_SIDE, min_width=80, buttons=["fullscreen"], elem_id="up-result")
+                        up_files = gr.File(label="result PNG (with metadata), bicubic, low-res and input.png",
+                                           file_count="multiple", elem_id="up-files")
+                        up_command = gr.Textbox(label="reproduce with", lines=2, buttons=["copy"], elem_id="up-command")
+                up_go.click(on_upscale, [up_file, up_label, up_prompt, up_negative, up_scale, up_sampler, up_steps,
+                                         up_seed, aug], [gr_low, gr_bicubic, gr_result, up_files, up_command],
+                            concurrency_limit=1)
+                cascade.click(on_cascade, [files], [up_file, up_seed, up_label, up_prompt])
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
 
@@ -191,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="denoiser run directory or checkpoint")
     parser.add_argument("--inpaint-checkpoint", default=None, help="in-painting run (model.inpaint: true) for the In-paint tab")
-    parser.add_argument("--upsampler", default=None, help="upsampler run (not available yet in this codebase)")
+    parser.add_argument("--upsampler", default=None, help="upsampler run (model.upsample: true) for the Upscale tab: "
+                        "your image, or the cascade from a generated one")
     parser.add_argument("--classifier", default=None, help="noise-aware classifier run for classifier guidance")
     parser.add_argument("--clip", default=None, help="noise-aware CLIP run (or open_clip:ARCH) for CLIP guidance")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")

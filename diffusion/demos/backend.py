@@ -1,4 +1,4 @@
-"""The demo app's only door into the library: load the runs once, generate, in-paint.
+"""The demo app's only door into the library: load the runs once, generate, in-paint, upscale.
 
 Every request becomes the argument list of a `sample.py` command and runs through sample.py's own
 code path (its parser, checks, features, plan and `run_plan`), so the command shown in the page
@@ -19,6 +19,8 @@ from PIL import Image
 from ..checkpoints import store as ckpt
 from ..checkpoints.load import LoadedModel
 from ..cli import sample as sample_cli
+from ..cli import upsample as upsample_cli
+from ..conditioning import upsample as up
 from ..conditioning.inpaint import files as inpaint_files
 from ..conditioning.inpaint.methods import METHODS
 from ..data import build_dataset
@@ -57,6 +59,8 @@ class ModelInfo:
     guidance_scale: float
     num_train_timesteps: int
     inpaint_model: bool
+    aug_level: float | None = None  # upsamplers: the config's default aug level (a fraction of T)
+    low_resolution: int | None = None  # upsamplers: the input side
 
 
 @dataclass
@@ -65,18 +69,21 @@ class Models:
     base: LoadedModel
     inpainter: LoadedModel  # the --inpaint-checkpoint run, else the base run (replace / repaint)
     workdir: Path  # where requests write their PNGs
+    upsampler: LoadedModel | None = None  # the --upsampler run (the Upscale tab)
     requests: int = 0
     features: list = field(default_factory=sample_cli.features)  # sample.py's, kept: they cache guide models
 
     def info(self, which: str = "base") -> ModelInfo:
-        loaded = self.base if which == "base" else self.inpainter
+        loaded = {"base": self.base, "inpaint": self.inpainter, "upsampler": self.upsampler}[which]
         cfg, model = loaded.cfg, loaded.model
         condition = getattr(model, "condition", "none")
         names = list(loaded.info.class_names)
-        if self.paths.classifier and condition != "class":  # the classifier's classes steer an unconditional run
+        if self.paths.classifier and condition != "class" and which != "upsampler":  # the classifier's classes steer an unconditional run
             names = list(ckpt.read_info(ckpt.resolve_checkpoint(self.paths.classifier)).class_names) or names
+        upsampler = upsample_cli.is_upsampler(loaded)
         return ModelInfo(condition, names, cfg.data.resolution, cfg.sample.sampler, cfg.sample.steps,
-                         cfg.sample.guidance_scale, cfg.diffusion.num_train_timesteps, bool(cfg.model.inpaint))
+                         cfg.sample.guidance_scale, cfg.diffusion.num_train_timesteps, bool(cfg.model.inpaint),
+                         cfg.upsample.aug_level if upsampler else None, up.low_resolution(cfg) if upsampler else None)
 
 
 @dataclass
@@ -99,6 +106,7 @@ class GenerateRequest:
     inpaint_method: str | None = None  # in-painting only
     jump_length: int = 5
     jump_n_sample: int = 5
+    aug_level: float | None = None  # upscaling only: a fraction of the training timesteps in [0, 1]
 
 
 @dataclass
@@ -116,14 +124,23 @@ class InpaintResult:
     files: list[Path] = field(default_factory=list)  # image.png, mask.png the command reads
 
 
+@dataclass
+class UpscaleResult:
+    low_res: Image.Image  # the model's low-res input (resized and centre-cropped, 8-bit)
+    bicubic: Image.Image  # the bicubic upsample of that input, sample.py's bicubic_0000.png
+    result: Result  # the diffusion upsample, sample.py's sample_0000.png
+    files: list[Path] = field(default_factory=list)  # the PNGs: result, bicubic, low-res, and input.png the command reads
+
+
 def load_models(paths: DemoPaths) -> Models:
     """Load the denoiser(s) once; classifier and CLIP runs are loaded and checked here too."""
-    if paths.upsampler:
-        raise UserError("--upsampler: the page has no Upscale tab yet; run the cascade with sample.py --checkpoint BASE --upsampler RUN")
     device = pick_device(paths.device)
     base = sample_cli.load_denoiser(paths.checkpoint, device)
     inpainter = sample_cli.load_denoiser(paths.inpaint_checkpoint, device) if paths.inpaint_checkpoint else base
-    models = Models(paths, base, inpainter, Path(tempfile.mkdtemp(prefix="diffusion-demo-")))
+    upsampler = sample_cli.load_denoiser(paths.upsampler, device) if paths.upsampler else None
+    if upsampler is not None and not upsample_cli.is_upsampler(upsampler):
+        raise UserError(f"--upsampler {paths.upsampler} is not an upsampler (its config has model.upsample: false)")
+    models = Models(paths, base, inpainter, Path(tempfile.mkdtemp(prefix="diffusion-demo-")), upsampler=upsampler)
     if paths.classifier or paths.clip:  # the features load and check them (and keep them) on first use
         prompt = "a" if paths.clip else ("" if getattr(base.model, "condition", "none") == "text" else None)
         _plan(models, base, _argv(models, base, GenerateRequest(prompt=prompt, steps=1)), Path(models.workdir))
@@ -131,20 +148,22 @@ def load_models(paths: DemoPaths) -> Models:
 
 
 def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: str = "samples/demo",
-          image: str | None = None, mask: str | None = None) -> list[str]:
-    """The sample.py arguments for a request."""
+          image: str | None = None, mask: str | None = None, low_res: str | None = None) -> list[str]:
+    """The sample.py arguments for a request (`low_res`: the upsampler on that image)."""
     r, p = request, models.paths
     checkpoint = p.inpaint_checkpoint if (image and loaded is models.inpainter and p.inpaint_checkpoint) else p.checkpoint
-    argv = ["--checkpoint", str(checkpoint)]
+    argv = ["--checkpoint", str(p.upsampler if low_res else checkpoint)]
     options = [("--class-label", r.class_label), ("--guidance-scale", r.guidance_scale), ("--sampler", r.sampler),
                ("--steps", r.steps), ("--num-samples", r.num_samples), ("--seed", r.seed),
                ("--negative-prompt", r.negative_prompt), ("--guidance-rescale", r.guidance_rescale),
                ("--dynamic-threshold", r.dynamic_threshold)]
     if r.prompt is not None:
         options.append(("--prompt", r.prompt))
-    if p.classifier:
+    if low_res:  # the guide runs work at the base's resolution, not the upsampler's
+        options += [("--low-res", low_res), ("--aug-level", r.aug_level)]
+    elif p.classifier:
         options += [("--classifier", p.classifier), ("--classifier-scale", r.classifier_scale)]
-    if p.clip and r.prompt:
+    if p.clip and r.prompt and not low_res:
         options += [("--clip", p.clip), ("--clip-scale", r.clip_scale)]
     if image:
         options += [("--image", image), ("--mask", mask), ("--inpaint-method", r.inpaint_method)]
@@ -178,17 +197,17 @@ def _plan(models: Models, loaded: LoadedModel, argv: list[str], out: Path):
 
 
 def _run(models: Models, loaded: LoadedModel, request: GenerateRequest, progress: Progress | None,
-         image: Image.Image | None = None, mask: Image.Image | None = None) -> tuple[list[Result], Path]:
+         inputs: dict[str, Image.Image] | None = None) -> tuple[list[Result], Path]:
+    """Run sample.py's plan for a request; `inputs` (image, mask, low_res) are written as NAME.png
+    (low_res as input.png) and passed as the files of the matching options."""
     models.requests += 1
     out = models.workdir / f"request-{models.requests:04d}"
     out.mkdir(parents=True)
-    image_file = mask_file = None
-    if image is not None:
-        image_file, mask_file = out / "image.png", out / "mask.png"
-        image.save(image_file)
-        mask.save(mask_file)
-    shown = dict(out="samples/demo", image="image.png" if image else None, mask="mask.png" if image else None)
-    real = dict(out=str(out), image=str(image_file) if image else None, mask=str(mask_file) if image else None)
+    shown, real = dict(out="samples/demo"), dict(out=str(out))
+    for name, picture in (inputs or {}).items():
+        file = "input.png" if name == "low_res" else f"{name}.png"
+        picture.save(out / file)
+        shown[name], real[name] = file, str(out / file)
     args, plan, settings = _plan(models, loaded, _argv(models, loaded, request, **real), out)
     if progress is not None:
         progress(0, 1)
@@ -253,7 +272,7 @@ def inpaint(models: Models, image: Image.Image, paint_mask: Image.Image | np.nda
         raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}")
     if not np.asarray(mask).any():
         raise UserError("no mask painted: paint the region to regenerate with the brush")
-    results, out = _run(models, models.inpainter, request, progress, image, mask)
+    results, out = _run(models, models.inpainter, request, progress, {"image": image, "mask": mask})
     with Image.open(out / "strip_0000.png") as strip:
         picture = strip.convert("RGB")
     return InpaintResult(picture, results, [out / "image.png", out / "mask.png"])
@@ -290,10 +309,61 @@ def example_images(models: Models, side: int, count: int = 4) -> list[Path]:
     return files
 
 
-def upscale(models: Models, image: Image.Image, progress: Progress | None = None) -> Image.Image:
-    raise UserError("the page has no Upscale tab yet: use sample.py --checkpoint BASE --upsampler RUN")
+def read_upload(path: str | Path | None, what: str = "image") -> Image.Image:
+    """An uploaded file as an RGB image, refused in one line when PIL cannot read it or it is too large."""
+    if path is None:
+        raise UserError(f"upload an {what} first")
+    try:
+        with Image.open(path) as picture:
+            return check_upload(picture, what)
+    except (OSError, ValueError):
+        raise UserError(f"the uploaded file {Path(path).name} is not an {what} PIL can read (PNG, JPEG, ...)") from None
+
+
+def upscale(models: Models, image: Image.Image, request: GenerateRequest,
+            progress: Progress | None = None) -> UpscaleResult:
+    """Super-resolve one image with the upsampler: sample.py --checkpoint UP_RUN --low-res input.png.
+
+    The image is resized and centre-cropped to the upsampler's low resolution; the bicubic upsample
+    of that input is written beside the result, as sample.py does.
+    """
+    if models.upsampler is None:
+        raise UserError("no upsampler loaded: start the app with --upsampler UP_RUN")
+    request = GenerateRequest(**{**request.__dict__, "num_samples": 1})
+    if getattr(models.upsampler.model, "condition", "none") == "class" and request.class_label is None:
+        raise UserError("the upsampler is class-conditional: pick a class")
+    results, out = _run(models, models.upsampler, request, progress, {"low_res": check_upload(image)})
+    pictures = {}
+    for name in ("lowres", "bicubic"):
+        with Image.open(out / f"{name}_0000.png") as png:
+            pictures[name] = png.convert("RGB")
+    files = [results[0].path, out / "bicubic_0000.png", out / "lowres_0000.png", out / "input.png"]
+    return UpscaleResult(pictures["lowres"], pictures["bicubic"], results[0], files)
+
+
+def upscale_command(models: Models, request: GenerateRequest) -> str:
+    """The sample.py command reproducing an upscale (it reads input.png, one of the downloads)."""
+    request = GenerateRequest(**{**request.__dict__, "num_samples": 1})
+    return "python sample.py " + shlex.join(_argv(models, models.upsampler, request, low_res="input.png"))
+
+
+def cascade_check(models: Models) -> None:
+    """Refuse to cascade when the base's samples are not the upsampler's input size (sample.py's check)."""
+    if models.upsampler is None:
+        raise UserError("no upsampler loaded: start the app with --upsampler UP_RUN")
+    upsample_cli.check_chain(models.base, models.upsampler, str(models.paths.upsampler))
+
+
+def cascade_source(models: Models, generated: list[str] | None) -> tuple[str, dict[str, str]]:
+    """The first image of the last Generate request, and its metadata, as the upscale input."""
+    cascade_check(models)
+    if not generated:
+        raise UserError("generate an image in the Generate tab first")
+    with Image.open(generated[0]) as png:
+        return generated[0], dict(png.text)
 
 
 __all__ = ["DemoPaths", "Models", "ModelInfo", "GenerateRequest", "Result", "InpaintResult", "SAMPLERS",
            "INPAINT_METHODS", "load_models", "generate", "inpaint", "batch_command", "paint_mask_from_layers",
-           "check_upload", "coverage_warning", "example_images", "model_input", "upscale", "UserError"]
+           "check_upload", "coverage_warning", "example_images", "model_input", "upscale", "UserError",
+           "UpscaleResult", "read_upload", "upscale_command", "cascade_check", "cascade_source"]
