@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier-scale", default=None, help="comma-separated classifier-guidance scales (with --classifier)")
     parser.add_argument("--clip-scale", default=None, help="comma-separated CLIP-guidance scales (with --clip)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    parser.add_argument("--detect-resolution", type=int, default=None,
+                        help="area-downsample samples to this size before detecting (e.g. 16 for 64-px cascade samples)")
 
 
 def class_request(label: int, use_prompt: bool) -> list[str]:
@@ -78,6 +80,8 @@ def class_samples(args: argparse.Namespace, rest: list[str], settings: dict[str,
 def accuracy(args: argparse.Namespace, rest: list[str], settings: dict[str, float]) -> float:
     """Fraction of samples whose detected class is the requested one."""
     images = class_samples(args, rest, settings)
+    if args.detect_resolution and args.detect_resolution < images.shape[-1]:
+        images = torch.nn.functional.interpolate(images.float(), size=args.detect_resolution, mode="area")
     per_class = len(images) // len(CLASS_NAMES)
     return sum(detect_label(img) == i // per_class for i, img in enumerate(images)) / len(images)
 
