@@ -80,8 +80,9 @@ def class_samples(args: argparse.Namespace, rest: list[str], settings: dict[str,
 def accuracy(args: argparse.Namespace, rest: list[str], settings: dict[str, float]) -> float:
     """Fraction of samples whose detected class is the requested one."""
     images = class_samples(args, rest, settings)
-    if args.detect_resolution and args.detect_resolution < images.shape[-1]:
-        images = torch.nn.functional.interpolate(images.float(), size=args.detect_resolution, mode="area")
+    size = getattr(args, "detect_resolution", None)  # callers such as guidance_comparison pass their own namespace
+    if size and size < images.shape[-1]:
+        images = torch.nn.functional.interpolate(images.float(), size=size, mode="area")
     per_class = len(images) // len(CLASS_NAMES)
     return sum(detect_label(img) == i // per_class for i, img in enumerate(images)) / len(images)
 
