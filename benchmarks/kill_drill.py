@@ -34,7 +34,7 @@ DRILL = [
     "data.resolution=8", "data.shapes_size=64", "model.base_channels=16", "model.channel_mult=[1,2]",
     "model.layers_per_block=1", "model.attention_resolutions=[]", "model.attention_head_dim=8",
     "diffusion.num_train_timesteps=100", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
-    "train.sample_every=0", "train.checkpoint_every=4", "train.keep_checkpoints=2", "train.max_steps=200",
+    "train.sample_every=0", "train.checkpoint_every=4", "train.keep_checkpoints=2", "train.max_steps=400",
     "sample.steps=3", "sample.num_samples=2",
 ]
 KINDS = ("SIGKILL", "SIGKILL in checkpoint write", "SIGTERM")
