@@ -209,3 +209,28 @@ def test_shipped_configs_load():
     for name in ("classifier_shapes", "classifier_cifar10", "classifier_celeba64", "shapes_uncond"):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         assert cfg.task == ("denoiser" if name == "shapes_uncond" else "classifier")
+
+
+def test_shapes_accuracy_detects_at_a_lower_resolution(monkeypatch):
+    """64-px samples with mottled interiors fool the fill-based detector; area-downsampled to 16 px they read right."""
+    import argparse
+
+    from diffusion.data.shapes import CLASS_NAMES, ShapesDataset, detect_label
+    from diffusion.evaluate import shapes_accuracy
+
+    dataset = ShapesDataset(resolution=16, size=400, split="test")
+    by_label = {}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if detect_label(item["image"]) == item["label"]:
+            by_label.setdefault(item["label"], item["image"])
+    images = torch.stack([by_label[label] for label in range(len(CLASS_NAMES))])
+    big = torch.nn.functional.interpolate(images, scale_factor=4, mode="nearest")
+    mottle = torch.ones(64, 64)
+    mottle[::2, ::2] = mottle[1::2, 1::2] = 0.5
+    big = ((big + 1) * mottle - 1).clamp(-1, 1)  # black stays black, colours get a fine dark checkerboard
+    monkeypatch.setattr(shapes_accuracy, "class_samples", lambda args, rest, settings: big)
+    args = argparse.Namespace(num_samples=12, detect_resolution=None)
+    assert shapes_accuracy.accuracy(args, [], {}) < 1.0
+    args.detect_resolution = 16
+    assert shapes_accuracy.accuracy(args, [], {}) == 1.0
