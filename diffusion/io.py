@@ -2,7 +2,9 @@
 writable-folder check for a run's output_dir."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -73,8 +75,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete folder `tmp` to `final`, replacing any old one without a moment where a kill
     leaves neither: the old one is renamed aside, the new one renamed in, then the old one deleted.
     A kill between the two renames leaves `.old-NAME`, which `remove_crash_residue` puts back."""
-    import shutil
-
     fsync_tree(tmp)
     old = final.with_name(f".old-{final.name}")
     if old.exists():
@@ -85,3 +85,12 @@ def replace_dir(tmp: Path, final: Path) -> None:
     fsync_path(final.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -66,8 +67,6 @@ def load_training_state(path: Path, accelerator: Accelerator, ema: EMAModel, mod
 def _load_state_ignoring(accelerator: Accelerator, state_dir: Path, legacy: list[Path]) -> None:
     """load_state for an older checkpoint, whose custom_checkpoint_N.pkl accelerate would count against
     the (no longer) registered objects: load the other files from a folder of links to them."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="resume-") as tmp:
         for file in state_dir.iterdir():
             if file not in legacy:

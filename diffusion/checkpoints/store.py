@@ -11,7 +11,6 @@ complete checkpoint is never half-written; the digests catch files damaged after
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config, from_dict, read_yaml, save_config
 from ..errors import UserError, first_line
-from ..io import atomic_write, atomic_write_text, replace_dir
+from ..io import atomic_write, atomic_write_text, replace_dir, sha256_file
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 EMA_FILE = "ema.safetensors"
@@ -105,14 +104,6 @@ def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
 
 def write_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda tmp: save_file(weights, str(tmp)))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_digests(path: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -329,7 +329,7 @@ def upscale(models: Models, image: Image.Image, request: GenerateRequest,
     """
     if models.upsampler is None:
         raise UserError("no upsampler loaded: start the app with --upsampler UP_RUN")
-    request = GenerateRequest(**{**request.__dict__, "num_samples": 1})
+    request = replace(request, num_samples=1)
     if getattr(models.upsampler.model, "condition", "none") == "class" and request.class_label is None:
         raise UserError("the upsampler is class-conditional: pick a class")
     results, out = _run(models, models.upsampler, request, progress, {"low_res": check_upload(image)})
@@ -343,7 +343,7 @@ def upscale(models: Models, image: Image.Image, request: GenerateRequest,
 
 def upscale_command(models: Models, request: GenerateRequest) -> str:
     """The sample.py command reproducing an upscale (it reads input.png, one of the downloads)."""
-    request = GenerateRequest(**{**request.__dict__, "num_samples": 1})
+    request = replace(request, num_samples=1)
     return "python sample.py " + shlex.join(_argv(models, models.upsampler, request, low_res="input.png"))
 
 

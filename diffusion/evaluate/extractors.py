@@ -6,7 +6,6 @@ weights and preprocessing, so cached reference statistics are never mixed across
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import logging
@@ -19,6 +18,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UserError, first_line
+from ..io import sha256_file
 
 # torch-fidelity's port of the TF FID Inception (pt_inception-2015-12-05), fetched by torch.hub. The
 # same file is pytorch-fid's pt_inception-2015-12-05-6726825d.pth; the name carries its sha256's prefix.
@@ -64,11 +64,7 @@ class Extractor:
 
 def file_digest(path: Path, length: int = 16) -> str:
     """The first `length` hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
+    return sha256_file(path)[:length]
 
 
 def check_inception_weights(path: Path) -> str:
