@@ -207,7 +207,8 @@ class UpsampleConfig:
     quantised to 8 bits, then interpolated back up (`upsample`) and concatenated to x_t. Noise
     augmentation: during training the upsampled low-res is noised to a level drawn uniformly from
     `aug_noise` (fractions of diffusion.num_train_timesteps; 0 = clean), with the model's own
-    alpha_bar table, and the model is told the level. `aug_level` is the sampling default.
+    alpha_bar table, and the model is told the level. `aug_level` is the sampling default, and so is
+    `consistency`: project every step's predicted x0 so that it downsamples to the low-res input.
     """
 
     factor: int = 4
@@ -216,6 +217,7 @@ class UpsampleConfig:
     aug_noise: list[float] = field(default_factory=lambda: [0.0, 0.5])
     aug_level: float = 0.1
     quantise: bool = True
+    consistency: bool = True
 
 
 @dataclass

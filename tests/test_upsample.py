@@ -17,7 +17,9 @@ from diffusion.config import DiffusionConfig, ModelConfig, UpsampleConfig, save_
 from diffusion.data import build_dataset
 from diffusion.evaluate.upsample import high_frequency_power
 from diffusion.models import Denoiser
-from diffusion.sampling.schedule import NoiseSchedule
+from diffusion.sampling.guidance import StepInfo
+from diffusion.sampling.samplers import Step
+from diffusion.sampling.schedule import NoiseSchedule, epsilon_to_x0, x0_to_epsilon
 from tests.conftest import UP, tiny_config
 
 
@@ -93,6 +95,49 @@ def test_widened_upsampler_equals_base_at_init(tmp_path, condition):
         assert not torch.allclose(widened(x, t, channels=channels, aug_level=level, **cond), base(x, t, **cond))
 
 
+@pytest.mark.parametrize("down, interp", [("area", "bilinear"), ("bicubic", "bicubic")])
+def test_consistency_projection_makes_x0_downsample_to_the_low_res(down, interp):
+    cfg = UpsampleConfig(factor=4, downsample=down, upsample=interp)
+    schedule = NoiseSchedule.from_config(DiffusionConfig(num_train_timesteps=1000, beta_schedule="cosine"))
+    low = up.quantise((torch.rand(2, 3, 4, 4) - 0.5) / 2)
+    x, model_x0 = torch.randn(2, 3, 16, 16), (torch.rand(2, 3, 16, 16) - 0.5) / 2  # well in range, so clipping plays no part
+    ab = schedule.alpha_bar(400).expand(2).view(-1, 1, 1, 1)
+    eps = x0_to_epsilon(model_x0, x, ab)
+    info = StepInfo(x=x, t=torch.full((2,), 400), step=Step(0, 400, 200), alpha_bar=ab,
+                    alpha_bar_next=schedule.alpha_bar(200).expand(2).view(-1, 1, 1, 1), schedule=schedule)
+    term = up.consistency_term(low, 16, cfg)
+    projected = term(eps, info)
+    x0 = epsilon_to_x0(projected, x, ab)
+    assert (up.resample(model_x0, 4, down) - low).abs().max() > 0.15  # the model's x0 was far off
+    assert torch.allclose(up.resample(x0, 4, down), low, atol=1e-4)
+    assert torch.allclose(term(projected, info), projected, atol=1e-4)  # a consistent x0 is left alone
+    # the correction is the interpolation of a low-res image, so it adds no detail of its own
+    change = x0 - model_x0
+    g = up.resample_matrix(4, 16, interp)
+    coefficients = torch.linalg.pinv(g) @ change @ torch.linalg.pinv(g).T
+    assert torch.allclose(g @ coefficients @ g.T, change, atol=1e-4)
+
+
+def _consistency_psnr(folder, index: int) -> float:
+    high, low = (torch.from_numpy(np.array(Image.open(folder / f"{name}_{index:04d}.png"))).permute(2, 0, 1)[None].float()
+                 for name in ("sample", "lowres"))
+    mse = ((F.interpolate(high, size=low.shape[-2:], mode="area") - low) ** 2).mean()
+    return float(10 * torch.log10(255**2 / mse))
+
+
+def test_consistency_flag_makes_the_result_downsample_to_the_input(up_run, tmp_path):
+    photo = (np.random.default_rng(2).random((8, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    psnr = {}
+    for flag in ("--consistency", "--no-consistency"):
+        out = tmp_path / flag
+        sample_main(["--checkpoint", str(up_run), "--low-res", str(tmp_path / "photo.png"), "--class-label", "1",
+                     "--num-samples", "1", "--steps", "3", "--out", str(out), flag])
+        assert Image.open(out / "sample_0000.png").text["consistency"] == str(flag == "--consistency")
+        psnr[flag] = _consistency_psnr(out, 0)
+    assert psnr["--consistency"] > 40 > psnr["--no-consistency"], psnr
+
+
 def test_cascade_writes_both_stages_with_metadata(tiny_run, up_run, tmp_path):
     out = tmp_path / "cascade"
     sample_main(["--checkpoint", str(tiny_run), "--upsampler", str(up_run), "--class-label", "3", "--num-samples", "2",
@@ -152,9 +197,11 @@ def test_evaluate_upsample_writes_the_table_and_grid(up_run, tmp_path, capsys):
     evaluate_main(["upsample", "--checkpoint", str(up_run), "--num-images", "3", "--steps", "2",
                    "--aug-levels", "0,0.5", "--out", str(out)])
     rows = list(csv.DictReader(open(out / "upsample.csv")))
-    assert [r["method"] for r in rows] == ["bicubic", "bilinear", "diffusion", "diffusion"]
+    assert [r["method"] for r in rows] == ["bicubic", "bilinear", *["diffusion", "diffusion+consistency"] * 2]
     bicubic = rows[0]
     assert float(bicubic["detail"]) < 1 and float(bicubic["consistency_psnr"]) > 20  # blurry but consistent
+    for plain, projected in (rows[2:4], rows[4:6]):
+        assert float(projected["consistency_psnr"]) > 40 > float(plain["consistency_psnr"])
     assert (out / "upsample.md").is_file() and Image.open(out / "upsample_grid.png").size[0] > 16 * 5
     image = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.allclose(high_frequency_power(image), high_frequency_power(image.clone()))

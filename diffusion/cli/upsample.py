@@ -9,7 +9,9 @@
   centre-cropped to the model's low resolution; `bicubic_NNNN.png` (the bicubic upsample of the
   same input) and `lowres_NNNN.png` are written beside each sample.
 `--aug-level L` (a fraction of the training timesteps in [0, 1], 0 = clean) noises the upsampled
-low-res input as in training (default: the upsampler's `upsample.aug_level`).
+low-res input as in training (default: the upsampler's `upsample.aug_level`). `--consistency`
+(default: `upsample.consistency`) projects every step's predicted image so that it downsamples exactly
+to the low-res input.
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ def aug_level(args: argparse.Namespace, loaded: LoadedModel) -> int:
     return up.level_index(fraction, loaded.schedule.num_train_timesteps)
 
 
+def consistency(args: argparse.Namespace, loaded: LoadedModel) -> bool:
+    return loaded.cfg.upsample.consistency if args.consistency is None else args.consistency
+
+
 def stage_condition(item: SampleItem, upsampler: LoadedModel) -> dict[str, torch.Tensor]:
     """The upsampler's own class or caption condition for a base item (its label or prompt)."""
     model = upsampler.model
@@ -70,7 +76,8 @@ def upsample_items(low: torch.Tensor, items: list[SampleItem], upsampler: Loaded
     for image, item in zip(low, items):
         cond = {**stage_condition(item, upsampler),
                 **up.sampling_condition(up.quantise(image.unsqueeze(0)), cfg, schedule, level, item.seed)}
-        out.append(SampleItem(seed=item.seed, cond=cond, label=item.label, prompt=item.prompt))
+        out.append(SampleItem(seed=item.seed, cond=cond, label=item.label, prompt=item.prompt,
+                              low_res=up.quantise(image.unsqueeze(0))))
     return out
 
 
@@ -99,6 +106,9 @@ class UpsampleFeature:
         group.add_argument("--aug-level", type=float, default=None, metavar="L",
                            help="noise level of the low-res input, a fraction of the training timesteps in [0, 1] "
                                 "(0 = clean; default: the upsampler's upsample.aug_level)")
+        group.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=None,
+                           help="make every step's prediction downsample exactly to the low-res input "
+                                "(default: the upsampler's upsample.consistency)")
         group.add_argument("--low-res", default=None, metavar="IMAGE",
                            help="super-resolve this image with an upsampler --checkpoint")
 
@@ -110,15 +120,17 @@ class UpsampleFeature:
         if not is_upsampler(loaded):
             if args.low_res is not None:
                 raise UserError(f"--low-res needs an upsampler --checkpoint (model.upsample: true); {loaded.path} is not one")
-            if args.aug_level is not None and args.upsampler is None:
-                raise UserError("--aug-level needs --upsampler UP_RUN or an upsampler --checkpoint")
+            for given, flag in ((args.aug_level, "--aug-level"), (args.consistency, "--consistency")):
+                if given is not None and args.upsampler is None:
+                    raise UserError(f"{flag} needs --upsampler UP_RUN or an upsampler --checkpoint")
             return variants
         if args.upsampler is not None:
             raise UserError("--checkpoint is an upsampler: give the base model as --checkpoint and this one as --upsampler")
         if args.low_res is None:
             raise UserError("this checkpoint is an upsampler: pass --low-res IMAGE, or use it as --upsampler of a base")
         self.low = load_low_res(args.low_res, up.low_resolution(loaded.cfg))  # conditions: see extend
-        meta = {"low_res": str(args.low_res), "aug_level": str(aug_level(args, loaded))}
+        meta = {"low_res": str(args.low_res), "aug_level": str(aug_level(args, loaded)),
+                "consistency": str(consistency(args, loaded))}
         return [item.but(meta={**item.meta, **meta}) for item in variants]
 
     def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
@@ -133,6 +145,9 @@ class UpsampleFeature:
         level, low = aug_level(args, loaded), self.low
         for item in plan.items:  # the augmentation noise follows each sample's seed
             item.cond.update(up.sampling_condition(low, loaded.cfg, loaded.schedule, level, item.seed))
+            item.low_res = low
+        if consistency(args, loaded):
+            plan.constraints.append(up.consistency_constraint(loaded.cfg))
         bicubic = up.resample(low, loaded.cfg.data.resolution, "bicubic").clamp(-1, 1)[0]
 
         def write_baselines(images: torch.Tensor, items: list[SampleItem]) -> torch.Tensor:
@@ -159,12 +174,14 @@ class UpsampleFeature:
             raise UserError(f"--upsampler-guidance-scale must be >= 0, got {scale}")
         settings = SamplerSettings(sampler, steps, scale, args.batch_size, args.dtype or default_precision(loaded.device))
         stage = {f"upsampler_{k}": v for k, v in settings.meta().items()}
-        stage.update(upsampler_checkpoint=str(upsampler.path), aug_level=str(level))
+        project = consistency(args, upsampler)
+        stage.update(upsampler_checkpoint=str(upsampler.path), aug_level=str(level), consistency=str(project))
 
         def second_stage(images: torch.Tensor, items: list[SampleItem]) -> torch.Tensor:
             """Upsample one batch of base samples; write them as lowres_NNNN.png, return the high-res ones."""
             low = images.float().cpu()
-            stage_plan = SamplingPlan(upsample_items(low, items, upsampler, level), cfg=plan.cfg)
+            stage_plan = SamplingPlan(upsample_items(low, items, upsampler, level), cfg=plan.cfg,
+                                      constraints=[up.consistency_constraint(upsampler.cfg)] if project else [])
             high = run_plan(upsampler, stage_plan, settings, bar=False)
             for image, item in zip(low, items):
                 item.meta.update(stage)

@@ -9,10 +9,13 @@ told the level (`aug_level`, see diffusion/models/denoiser.py).
 Levels: an integer L in 0..T (T = diffusion.num_train_timesteps). L = 0 is the clean low-res;
 L >= 1 noises it as training timestep L - 1 does x_0: sqrt(ab) low + sqrt(1 - ab) noise. On the
 command line and in the config a level is a fraction of T in [0, 1] (0.25 = DeepFloyd's 250/1000).
+
+Low-res consistency (`upsample.consistency`, `--consistency`): at every sampling step the predicted
+x0 is projected so that it downsamples exactly to the low-res input (`consistency_term`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 from ..config import Config, UpsampleConfig
 from ..data.items import ItemRandom, dataset_item
 from ..errors import UserError
-from ..sampling.schedule import NoiseSchedule
+from ..sampling.guidance import GuidanceTerm, StepInfo
+from ..sampling.schedule import NoiseSchedule, epsilon_to_x0, x0_to_epsilon
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
@@ -49,6 +53,48 @@ def make_low_res(images: torch.Tensor, cfg: UpsampleConfig) -> torch.Tensor:
 def upsample_channels(low: torch.Tensor, resolution: int, cfg: UpsampleConfig) -> torch.Tensor:
     """The model's extra input channels: the low-res image interpolated up to `resolution`."""
     return resample(low, resolution, cfg.upsample)
+
+
+def resample_matrix(source: int, size: int, mode: str) -> torch.Tensor:
+    """(size, source): `resample` along one axis as a matrix; it is separable, resample(x) = A @ x @ A.T."""
+    columns = torch.eye(source).view(source, 1, 1, source).expand(source, 1, source, source)  # image k: column k lit
+    return resample(columns, size, mode)[:, 0, 0, :].T.contiguous()
+
+
+def consistency_term(low: torch.Tensor, resolution: int, cfg: UpsampleConfig, rounds: int = 10) -> GuidanceTerm:
+    """Project each predicted x0 onto the images that downsample exactly to `low` (B, 3, r, r).
+
+    x0 <- x0 + U (low - D x0), with D the training downsampling and U = G (D G)^-1, G the model's
+    interpolation up: D U = I, so D x0 = low afterwards, and the correction is a smooth
+    (interpolated) image rather than nearest-neighbour blocks. This is the range-space step of
+    DDNM (Wang et al. 2023) with an interpolating right inverse; what the low-res image does not
+    determine (the detail) is left to the model. eps is re-derived from the new x0, as clipping does.
+    The projection alternates with clipping to [-1, 1] (POCS, `rounds` times), so that the final
+    clip of the image does not undo the match where the correction overshoots.
+    """
+    down = resample_matrix(resolution, low.shape[-1], cfg.downsample)  # (r, R)
+    interp = resample_matrix(low.shape[-1], resolution, cfg.upsample)  # (R, r)
+    lift = interp @ torch.linalg.inv(down @ interp)  # (R, r), down @ lift = I
+    low = low.float()
+
+    def term(eps: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        d, u, y = (v.to(eps.device) for v in (down, lift, low))
+        x0 = epsilon_to_x0(eps, info.x, info.alpha_bar)
+        for _ in range(rounds):
+            x0 = x0.clamp(-1, 1)
+            x0 = x0 + u @ (y - d @ x0 @ d.T) @ u.T
+        return x0_to_epsilon(x0, info.x, info.alpha_bar)
+
+    return term
+
+
+def consistency_constraint(cfg: Config) -> Callable[[list], GuidanceTerm]:
+    """A sampling-plan constraint: `consistency_term` for each batch of items, from their `low_res`."""
+
+    def make(items: list) -> GuidanceTerm:
+        return consistency_term(torch.cat([item.low_res for item in items]), cfg.data.resolution, cfg.upsample)
+
+    return make
 
 
 def level_index(fraction: float, num_train_timesteps: int) -> int:

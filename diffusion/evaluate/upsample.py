@@ -8,9 +8,13 @@ downsampling, 8-bit quantisation), then super-resolved at each --aug-levels valu
   averaged power spectrum (radii N/4..N/2, N = the high resolution); 1 = as much fine detail.
 
   python -m diffusion.evaluate upsample --checkpoint UP_RUN [--aug-levels 0,0.1,0.25] [--num-images 64]
+      [--consistency both|on|off]
+
+`--consistency both` (the default) scores every level twice: the model alone ("diffusion") and with
+every step projected onto the low-res input ("diffusion+consistency", see `consistency_term`).
 
 Writes OUT/upsample.csv, OUT/upsample.md and OUT/upsample_grid.png (per image: low-res | bicubic |
-SR at each level | original). FID/KID: write the SR images with --save-images and score that
+SR at each level, without then with the projection | original). FID/KID: write the SR images with --save-images and score that
 folder with `python -m diffusion.evaluate fid`.
 """
 from __future__ import annotations
@@ -37,6 +41,8 @@ from .inpaint import held_out
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="upsampler run (model.upsample: true)")
     parser.add_argument("--aug-levels", default="0,0.1,0.25", help="comma-separated fractions of the training timesteps")
+    parser.add_argument("--consistency", choices=("both", "on", "off"), default="both",
+                        help="score the SR with the low-res consistency projection, without it, or both")
     parser.add_argument("--num-images", type=int, default=64, help="held-out images")
     parser.add_argument("--images", default=None, help="folder of high-res images (default: the checkpoint's dataset)")
     parser.add_argument("--split", default="test", help="dataset split of the held-out images")
@@ -110,18 +116,22 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows.append({"method": name, "aug_level": "", **score(results, originals, low, cfg),
                      "seconds": time.perf_counter() - start})
         shown[name] = results
-    for fraction in levels:
+    projections = {"both": (False, True), "on": (True,), "off": (False,)}[args.consistency]
+    for fraction, project in ((f, p) for f in levels for p in projections):
         level = up.level_index(fraction, loaded.schedule.num_train_timesteps)
-        items = [SampleItem(seed=args.seed + i, cond={**conds[i], **up.sampling_condition(
+        items = [SampleItem(seed=args.seed + i, low_res=low[i:i + 1], cond={**conds[i], **up.sampling_condition(
             low[i:i + 1], cfg, loaded.schedule, level, args.seed + i)}) for i in range(len(low))]
+        plan = SamplingPlan(items, constraints=[up.consistency_constraint(cfg)] if project else [])
+        method = "diffusion+consistency" if project else "diffusion"
         start = time.perf_counter()
-        results = run_plan(loaded, SamplingPlan(items), settings)
-        rows.append({"method": "diffusion", "aug_level": fraction, **score(results, originals, low, cfg),
+        results = run_plan(loaded, plan, settings)
+        rows.append({"method": method, "aug_level": fraction, **score(results, originals, low, cfg),
                      "seconds": time.perf_counter() - start})
-        shown[f"sr@{fraction:g}"] = results
+        shown[f"sr@{fraction:g}{'+c' if project else ''}"] = results
         if args.save_images:
+            folder = out / f"sr_{fraction:g}{'_consistency' if project else ''}"
             for i, image in enumerate(results):
-                save_png(image, out / f"sr_{fraction:g}" / f"{i:04d}.png", {"aug_level": str(fraction)})
+                save_png(image, folder / f"{i:04d}.png", {"aug_level": str(fraction), "consistency": str(project)})
     write_reports(rows, out, settings, len(originals))
     n = min(args.grid_images, len(originals))
     columns = [up.resample(low[:n], res, "nearest"), shown["bicubic"][:n],

@@ -43,6 +43,7 @@ class SampleItem:
     label: int | None = None  # target class (class-conditional models, classifier guidance)
     prompt: str | None = None  # target caption (caption models, CLIP guidance)
     known: KnownPixels | None = None  # in-painting
+    low_res: torch.Tensor | None = None  # upsampling: the (1, 3, r, r) input the result must downsample to
 
     def but(self, **changes) -> "SampleItem":
         """A copy with some fields replaced (dicts are copied, tensors shared)."""
@@ -58,6 +59,7 @@ Finisher = Callable[[torch.Tensor, list[SampleItem]], torch.Tensor]
 class SamplingPlan:
     items: list[SampleItem]
     terms: list[Callable[[list[SampleItem]], GuidanceTerm]] = field(default_factory=list)
+    constraints: list[Callable[[list[SampleItem]], GuidanceTerm]] = field(default_factory=list)  # after terms, every step
     hooks: list[Callable[[list[SampleItem]], PostStep]] = field(default_factory=list)
     finishers: list[Finisher] = field(default_factory=list)
     loop: Loop = sample_loop  # RePaint swaps in a loop that goes back in time
@@ -110,6 +112,7 @@ def run_plan(loaded: LoadedModel, plan: SamplingPlan, settings: SamplerSettings,
         model_fn = ClassifierFreeGuidance(model, cond, uncond, settings.guidance_scale, plan.cfg,
                                           autocast_dtype(device, settings.precision))
         terms = [within_interval(make(items), plan.cfg.interval) for make in plan.terms]
+        terms += [make(items) for make in plan.constraints]
         guidance = Guidance(x0=plan.cfg.x0_processor(), terms=terms,
                             hooks=[make(items) for make in plan.hooks])
         trajectory = Trajectory(schedule, build_sampler(schedule, settings.sampler, settings.steps), generators, guidance)
