@@ -176,6 +176,7 @@ def test_upscale_an_upload_and_reproduce_it_with_sample_py(app, page, tmp_path):
     set_number(page, "#up-steps input", "3")
     set_number(page, "#up-aug input", "0.2")
     set_number(page, "#up-seed input", "5")
+    page.locator("#up-consistency input").uncheck()  # on by default (the config's); the command must say off
     page.locator("#up-class input").click()
     page.get_by_role("option", name="4: red square").click()
     page.locator("#up-button").click()
@@ -187,11 +188,12 @@ def test_upscale_an_upload_and_reproduce_it_with_sample_py(app, page, tmp_path):
     meta = result.text
     assert meta["seed"] == "5" and meta["aug_level"] == "20" and meta["label"] == "4" and meta["class_name"] == "red square"
     assert meta["sampler"] == "ddim" and meta["steps"] == "3" and meta["checkpoint"].endswith("step-000002")
-    assert meta["low_res"].endswith("input.png")
+    assert meta["low_res"].endswith("input.png") and meta["consistency"] == "False"
 
     command = page.locator("#up-command textarea").input_value().splitlines()[0]
     argv = shlex.split(command)[2:]
     assert argv[argv.index("--low-res") + 1] == "input.png" and argv[argv.index("--aug-level") + 1] == "0.2"
+    assert "--no-consistency" in argv
     argv[argv.index("--low-res") + 1] = str(tmp_path / "small.png")  # the same pixels as the page's input.png
     argv[argv.index("--out") + 1] = str(tmp_path / "again")
     sample_main(argv)

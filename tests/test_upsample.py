@@ -208,3 +208,13 @@ def test_evaluate_upsample_writes_the_table_and_grid(up_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["upsample", "--checkpoint", str(up_run), "--aug-levels", "2", "--out", str(out)])
     assert "--aug-levels" in capsys.readouterr().err
+
+
+def test_shapes_accuracy_of_a_cascade_writes_no_files(tiny_run, up_run, tmp_path, monkeypatch, capsys):
+    from diffusion.evaluate.__main__ import main as evaluate_main
+
+    monkeypatch.chdir(tmp_path)  # sample.py's default --out (samples/) is relative
+    evaluate_main(["shapes-accuracy", "--checkpoint", str(tiny_run), "--upsampler", str(up_run), "--num-samples", "12",
+                   "--steps", "2", "--upsampler-steps", "2", "--detect-resolution", "8"])
+    assert "accuracy" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

@@ -146,11 +146,12 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
         return out.strip, [str(result.path), *map(str, out.files)], command
 
     @shown_errors
-    def on_upscale(upload, label, prompt, negative, scale, sampler, steps, seed, aug, progress=gr.Progress()):
+    def on_upscale(upload, label, prompt, negative, scale, sampler, steps, seed, aug, consistency, progress=gr.Progress()):
         image = B.read_upload(upload)
         request = request_from(up_info, label, prompt, negative, scale, sampler, steps, seed, 1, None, None, 0, None,
                                None, None)
         request.aug_level = None if optional(aug) is None else float(aug)
+        request.consistency = bool(consistency)
         out = B.upscale(models, image, request, lambda done, total: progress((done, total), desc="upscaling", unit="steps"))
         return (out.low_res, out.bicubic, out.result.image, [str(f) for f in out.files],
                 B.upscale_command(models, request) + "\n# input.png is in the downloads")
@@ -231,6 +232,8 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                         up_label, up_prompt, up_negative, up_scale, up_sampler, up_steps, up_seed = upscale_controls(up_info)
                         aug = gr.Number(up_info.aug_level, step=0.05, label="aug level: noise on the low-res input, "
                                         "a fraction of the training timesteps in [0, 1] (0 = clean)", elem_id="up-aug")
+                        consistency = gr.Checkbox(bool(up_info.consistency), elem_id="up-consistency",
+                                                  label="match the input exactly (the result downsamples to it)")
                         up_go = gr.Button("Upscale", variant="primary", elem_id="up-button")
                     with gr.Column():
                         with gr.Row():
@@ -244,7 +247,7 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                                            file_count="multiple", elem_id="up-files")
                         up_command = gr.Textbox(label="reproduce with", lines=2, buttons=["copy"], elem_id="up-command")
                 up_go.click(on_upscale, [up_file, up_label, up_prompt, up_negative, up_scale, up_sampler, up_steps,
-                                         up_seed, aug], [gr_low, gr_bicubic, gr_result, up_files, up_command],
+                                         up_seed, aug, consistency], [gr_low, gr_bicubic, gr_result, up_files, up_command],
                             concurrency_limit=1)
                 cascade.click(on_cascade, [files], [up_file, up_seed, up_label, up_prompt])
     demo.queue(default_concurrency_limit=1, max_size=32)

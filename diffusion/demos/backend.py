@@ -61,6 +61,7 @@ class ModelInfo:
     inpaint_model: bool
     aug_level: float | None = None  # upsamplers: the config's default aug level (a fraction of T)
     low_resolution: int | None = None  # upsamplers: the input side
+    consistency: bool | None = None  # upsamplers: the config's default low-res consistency projection
 
 
 @dataclass
@@ -83,7 +84,8 @@ class Models:
         upsampler = upsample_cli.is_upsampler(loaded)
         return ModelInfo(condition, names, cfg.data.resolution, cfg.sample.sampler, cfg.sample.steps,
                          cfg.sample.guidance_scale, cfg.diffusion.num_train_timesteps, bool(cfg.model.inpaint),
-                         cfg.upsample.aug_level if upsampler else None, up.low_resolution(cfg) if upsampler else None)
+                         cfg.upsample.aug_level if upsampler else None, up.low_resolution(cfg) if upsampler else None,
+                         cfg.upsample.consistency if upsampler else None)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class GenerateRequest:
     jump_length: int = 5
     jump_n_sample: int = 5
     aug_level: float | None = None  # upscaling only: a fraction of the training timesteps in [0, 1]
+    consistency: bool | None = None  # upscaling only: the low-res consistency projection (None: the config's)
 
 
 @dataclass
@@ -161,6 +164,8 @@ def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: st
         options.append(("--prompt", r.prompt))
     if low_res:  # the guide runs work at the base's resolution, not the upsampler's
         options += [("--low-res", low_res), ("--aug-level", r.aug_level)]
+        if r.consistency is not None:
+            argv.append("--consistency" if r.consistency else "--no-consistency")
     elif p.classifier:
         options += [("--classifier", p.classifier), ("--classifier-scale", r.classifier_scale)]
     if p.clip and r.prompt and not low_res:

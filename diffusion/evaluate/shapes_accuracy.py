@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -68,12 +69,15 @@ def class_samples(args: argparse.Namespace, rest: list[str], settings: dict[str,
         raise UserError(f"shapes-accuracy needs a shapes model; {args.checkpoint} was trained on {loaded.cfg.data.name}")
     use_prompt = loaded.cfg.model.condition == "text" or getattr(probe, "clip", None) is not None
     out = []
-    for label in range(len(CLASS_NAMES)):
-        sample_args = parser.parse_args(base + class_request(label, use_prompt) + ["--seed", str(label * 100_000)])
-        check_args(sample_args)
-        sampling = sampler_settings(sample_args, loaded)
-        plan = make_plan(sample_args, loaded, feature_list, sampling)
-        out.append(run_plan(loaded, plan, sampling, bar=False))
+    with tempfile.TemporaryDirectory(prefix="shapes-accuracy-") as scratch:  # a cascade writes its low-res stage there
+        if "--out" not in rest:
+            base += ["--out", scratch]
+        for label in range(len(CLASS_NAMES)):
+            sample_args = parser.parse_args(base + class_request(label, use_prompt) + ["--seed", str(label * 100_000)])
+            check_args(sample_args)
+            sampling = sampler_settings(sample_args, loaded)
+            plan = make_plan(sample_args, loaded, feature_list, sampling)
+            out.append(run_plan(loaded, plan, sampling, bar=False))
     return torch.cat(out)
 
 
