@@ -164,8 +164,6 @@ def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: st
         options.append(("--prompt", r.prompt))
     if low_res:  # the guide runs work at the base's resolution, not the upsampler's
         options += [("--low-res", low_res), ("--aug-level", r.aug_level)]
-        if r.consistency is not None:
-            argv.append("--consistency" if r.consistency else "--no-consistency")
     elif p.classifier:
         options += [("--classifier", p.classifier), ("--classifier-scale", r.classifier_scale)]
     if p.clip and r.prompt and not low_res:
@@ -177,6 +175,8 @@ def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: st
     for flag, value in options:
         if value is not None:
             argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if low_res and r.consistency is not None:
+        argv.append("--consistency" if r.consistency else "--no-consistency")
     if r.guidance_interval is not None:
         argv += ["--guidance-interval", *(f"{v:g}" for v in r.guidance_interval)]
     return [*argv, "--out", out]
