@@ -150,6 +150,8 @@ def test_cascade_writes_both_stages_with_metadata(tiny_run, up_run, tmp_path):
             assert picture.text["label"] == "3" and picture.text["seed"] == str(i)
             assert picture.text["upsampler_sampler"] == "ddpm" and picture.text["aug_level"] == "20"
             assert picture.text["checkpoint"] and picture.text["upsampler_checkpoint"]
+            assert picture.text["consistency"] == "True"  # the config's default
+        assert _consistency_psnr(out, i) > 40  # each 16-px sample downsamples to its 8-px base sample
     alone = tmp_path / "alone"  # the base stage is the ordinary sample with the same seed
     sample_main(["--checkpoint", str(tiny_run), "--class-label", "3", "--num-samples", "2", "--steps", "2",
                  "--out", str(alone)])
@@ -186,6 +188,7 @@ def test_bad_input_exits_2_with_one_line(tiny_run, up_run, tmp_path, capsys):
     _one_line_exit_2(["--checkpoint", str(tiny_run), "--upsampler", str(up_run), "--aug-level", "1.5",
                       "--out", str(tmp_path)], capsys, "--aug-level")
     _one_line_exit_2(["--checkpoint", str(up_run), "--out", str(tmp_path)], capsys, "--low-res")
+    _one_line_exit_2(["--checkpoint", str(tiny_run), "--no-consistency", "--out", str(tmp_path)], capsys, "--upsampler")
     with pytest.raises(Exception, match="cannot both"):
         tiny_config(tmp_path, "model.inpaint=true", "model.upsample=true")
 

@@ -3,7 +3,8 @@
 A `SamplingPlan` lists one `SampleItem` per image (its seed, the model's condition, PNG metadata and
 typed targets: class label, prompt, known pixels), plus factories that build guidance terms and
 post-step hooks for each batch. Features (class labels, prompts, classifier or CLIP guidance,
-in-painting) add to the plan; the loop stays the same.
+in-painting) add to the plan; the loop stays the same. Constraints are terms that run at every
+step after the guidance terms, outside any guidance interval (an upsampler's low-res consistency).
 """
 from __future__ import annotations
 
