@@ -198,7 +198,7 @@ def test_evaluate_upsample_writes_the_table_and_grid(up_run, tmp_path, capsys):
 
     out = tmp_path / "eval"
     evaluate_main(["upsample", "--checkpoint", str(up_run), "--num-images", "3", "--steps", "2",
-                   "--aug-levels", "0,0.5", "--out", str(out)])
+                   "--aug-levels", "0,0.5", "--out", str(out), "--save-images"])
     rows = list(csv.DictReader(open(out / "upsample.csv")))
     assert [r["method"] for r in rows] == ["bicubic", "bilinear", *["diffusion", "diffusion+consistency"] * 2]
     bicubic = rows[0]
@@ -206,6 +206,8 @@ def test_evaluate_upsample_writes_the_table_and_grid(up_run, tmp_path, capsys):
     for plain, projected in (rows[2:4], rows[4:6]):
         assert float(projected["consistency_psnr"]) > 40 > float(plain["consistency_psnr"])
     assert (out / "upsample.md").is_file() and Image.open(out / "upsample_grid.png").size[0] > 16 * 5
+    for folder in ("bicubic", "bilinear", "sr_0", "sr_0_consistency", "sr_0.5", "sr_0.5_consistency"):  # for FID/KID
+        assert sorted(p.name for p in (out / folder).iterdir()) == ["0000.png", "0001.png", "0002.png"], folder
     image = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.allclose(high_frequency_power(image), high_frequency_power(image.clone()))
     with pytest.raises(SystemExit):

@@ -14,8 +14,9 @@ downsampling, 8-bit quantisation), then super-resolved at each --aug-levels valu
 every step projected onto the low-res input ("diffusion+consistency", see `consistency_term`).
 
 Writes OUT/upsample.csv, OUT/upsample.md and OUT/upsample_grid.png (per image: low-res | bicubic |
-SR at each level, without then with the projection | original). FID/KID: write the SR images with --save-images and score that
-folder with `python -m diffusion.evaluate fid`.
+SR at each level, without then with the projection | original). FID/KID: write the SR, bicubic
+and bilinear images with --save-images (OUT/sr_LEVEL[_consistency]/, OUT/bicubic/, OUT/bilinear/)
+and score each folder with `python -m diffusion.evaluate fid --samples FOLDER`.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="eval_upsample", help="output directory")
-    parser.add_argument("--save-images", action="store_true", help="also write every SR image (for FID/KID)")
+    parser.add_argument("--save-images", action="store_true",
+                        help="also write every SR, bicubic and bilinear image (for FID/KID)")
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -116,6 +118,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows.append({"method": name, "aug_level": "", **score(results, originals, low, cfg),
                      "seconds": time.perf_counter() - start})
         shown[name] = results
+        if args.save_images:
+            for i, image in enumerate(results):
+                save_png(image, out / name / f"{i:04d}.png", {"method": name})
     projections = {"both": (False, True), "on": (True,), "off": (False,)}[args.consistency]
     for fraction, project in ((f, p) for f in levels for p in projections):
         level = up.level_index(fraction, loaded.schedule.num_train_timesteps)
