@@ -43,7 +43,7 @@ def read_ema_scalars(directory: Path, step: int) -> dict:
 def load_ema_state(directory: Path, ema: EMAModel, model: torch.nn.Module, step: int, device: torch.device) -> None:
     """Restore `ema` (built over `model`'s parameters) from the checkpoint `directory`, then move it to
     `device`: loaded tensors are on the CPU, and ema.step must not mix devices."""
-    weights = store.read_weights(directory)
+    weights = store.read_weights(directory, check=False)  # load_training_state verified every file first
     names = [name for name, _ in model.named_parameters()]
     missing = [name for name in names if name not in weights]
     if missing:

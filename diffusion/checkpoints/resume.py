@@ -47,7 +47,7 @@ def load_training_state(path: Path, accelerator: Accelerator, ema: EMAModel, mod
     if accelerator._custom_objects:  # noqa: SLF001 - the one thing that would unpickle freely
         raise RuntimeError("objects registered for checkpointing would be loaded with weights_only=False")
     info = store.read_info(path)
-    store.verify_digests(path)
+    store.verify_digests(path)  # every file, before anything is loaded
     warning = check_random_states(path, accelerator.process_index)
     state_dir = path / STATE_DIR
     legacy = sorted(state_dir.glob("custom_checkpoint_*.pkl"))  # the EMA pickle of older checkpoints: never read

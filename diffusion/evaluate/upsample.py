@@ -112,35 +112,34 @@ def run(args: argparse.Namespace) -> list[dict]:
                                args.batch_size, default_precision(device))
     out = Path(args.out)
     rows, shown = [], {}
+
+    def add(method: str, fraction: float | str, results: torch.Tensor, seconds: float, folder: str,
+            meta: dict[str, str]) -> None:
+        """Score one method's results; keep them for the grid (under `folder`), and write them there if asked."""
+        rows.append({"method": method, "aug_level": fraction, **score(results, originals, low, cfg), "seconds": seconds})
+        shown[folder] = results
+        if args.save_images:
+            for i, image in enumerate(results):
+                save_png(image, out / folder / f"{i:04d}.png", meta)
+
     for name in ("bicubic", "bilinear"):
         start = time.perf_counter()
         results = up.resample(low, res, name).clamp(-1, 1)
-        rows.append({"method": name, "aug_level": "", **score(results, originals, low, cfg),
-                     "seconds": time.perf_counter() - start})
-        shown[name] = results
-        if args.save_images:
-            for i, image in enumerate(results):
-                save_png(image, out / name / f"{i:04d}.png", {"method": name})
+        add(name, "", results, time.perf_counter() - start, name, {"method": name})
     projections = {"both": (False, True), "on": (True,), "off": (False,)}[args.consistency]
     for fraction, project in ((f, p) for f in levels for p in projections):
         level = up.level_index(fraction, loaded.schedule.num_train_timesteps)
         items = [SampleItem(seed=args.seed + i, low_res=low[i:i + 1], cond={**conds[i], **up.sampling_condition(
             low[i:i + 1], cfg, loaded.schedule, level, args.seed + i)}) for i in range(len(low))]
         plan = SamplingPlan(items, constraints=[up.consistency_constraint(cfg)] if project else [])
-        method = "diffusion+consistency" if project else "diffusion"
         start = time.perf_counter()
         results = run_plan(loaded, plan, settings)
-        rows.append({"method": method, "aug_level": fraction, **score(results, originals, low, cfg),
-                     "seconds": time.perf_counter() - start})
-        shown[f"sr@{fraction:g}{'+c' if project else ''}"] = results
-        if args.save_images:
-            folder = out / f"sr_{fraction:g}{'_consistency' if project else ''}"
-            for i, image in enumerate(results):
-                save_png(image, folder / f"{i:04d}.png", {"aug_level": str(fraction), "consistency": str(project)})
+        add("diffusion+consistency" if project else "diffusion", fraction, results, time.perf_counter() - start,
+            f"sr_{fraction:g}{'_consistency' if project else ''}", {"aug_level": str(fraction), "consistency": str(project)})
     write_reports(rows, out, settings, len(originals))
     n = min(args.grid_images, len(originals))
     columns = [up.resample(low[:n], res, "nearest"), shown["bicubic"][:n],
-               *(v[:n] for k, v in shown.items() if k.startswith("sr@")), originals[:n]]
+               *(v[:n] for k, v in shown.items() if k.startswith("sr_")), originals[:n]]
     save_grid(torch.stack(columns, dim=1).flatten(0, 1), out / "upsample_grid.png", nrow=len(columns))
     return rows
 
