@@ -1,8 +1,8 @@
 """sample.py feature: classifier guidance with a noise-aware classifier (`--classifier C`).
 
-The math is in `diffusion.conditioning.classifier`: eps - s * sqrt(1 - alpha_bar_t) * grad after x0
-is clipped, so DDPM, DDIM and DPM-Solver++ all honour it; with the DDPM sampler `--guidance-form mean`
-applies the paper's posterior-mean shift mu + s * Sigma * grad instead. Works with unconditional
+The math is in `diffusion.conditioning.classifier`: eps - s * sqrt(1 - alpha_bar_t) * grad, then the
+guided x0 is clipped, so DDPM, DDIM and DPM-Solver++ all honour it alike; with the DDPM sampler
+`--guidance-form mean` applies the paper's posterior-mean shift mu + s * Sigma * grad instead. Works with unconditional
 denoisers (y from --class-label, or every class in turn) and on top of classifier-free guidance for
 class-conditional ones.
 """
