@@ -333,3 +333,91 @@ def test_every_docs_page_is_linked_from_the_readme():
     linked = {(readme.parent / link.partition("#")[0]).resolve() for link in links(readme)}
     missing = [p.name for p in PAGES[1:] if p.resolve() not in linked]
     assert not missing, f"docs pages the README does not link: {missing}"
+
+
+# -- the documented examples give what the docs show -------------------------------------------
+
+def documented(page: str, *words: str) -> list[str]:
+    """The argv of the one documented command on `page` that contains every word, after `python`."""
+    found = [c.argv for c in shell_commands(ROOT / page) if all(w in c.argv for w in words)]
+    assert len(found) == 1, f"{page}: {len(found)} commands with {words}"
+    return found[0]
+
+
+def run_sample(argv: list[str], replace: dict[str, str]) -> Path:
+    """Run a documented sample.py command in-process, with run and output folders replaced."""
+    from diffusion.cli.sample import main as sample_main
+
+    program, args = target(argv)
+    assert program == "sample.py"
+    return sample_main.__wrapped__([replace.get(a, a) for a in args])
+
+
+def test_pipeline_example_draws_what_the_sample_py_command_beside_it_draws(tiny_run, tmp_path, monkeypatch):
+    """docs/demo.md: the Python example and the sample.py command it names give the same pixels."""
+    import numpy as np
+    from PIL import Image
+
+    text = (ROOT / "docs" / "demo.md").read_text(encoding="utf-8")
+    example = next(m.group(2) for m in FENCE.finditer(text) if m.group(1) == "python" and "GuidedDiffusionPipeline" in m.group(2))
+    assert '"runs/shapes/final"' in example and "seed=0" in example
+    monkeypatch.chdir(tmp_path)
+    exec(example.replace('"runs/shapes/final"', repr(str(tiny_run / "final"))), {})  # writes blue_circle.png
+    out = run_sample(documented("docs/demo.md", "samples/blue_circles"),
+                     {"runs/shapes": str(tiny_run), "samples/blue_circles": str(tmp_path / "s")})
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "blue_circle.png")),
+                          np.asarray(Image.open(out / "sample_0000.png").convert("RGB")))
+
+
+def test_inpainting_commands_run_on_the_shipped_inputs(tiny_run, tmp_path):
+    """docs/inpainting.md's two commands, on docs/examples/{in,mask}.png, with tiny models: every result
+    keeps the known pixels of in.png exactly and comes with its strip, as the page says."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.conditioning.inpaint import files
+    from diffusion.sampling.images import to_pil
+    from diffusion.training.trainer import train
+    from tests.conftest import tiny_config
+
+    inpaint_run = tmp_path / "inpaint"
+    train(tiny_config(inpaint_run, "train.max_steps=2", f"init_from={tiny_run}", config="configs/inpaint_shapes.yaml"))
+    expected = np.asarray(to_pil(files.load_image(ROOT / "docs/examples/in.png", 8)[0]))
+    keep = files.load_mask(ROOT / "docs/examples/mask.png", 8)[0, 0].bool().numpy()
+    assert 0 < keep.mean() < 1  # the band leaves known pixels above and below it
+    replace = {"runs/inpaint_shapes": str(inpaint_run), "runs/shapes": str(tiny_run),
+               "samples/inpaint": str(tmp_path / "a"), "samples/repaint": str(tmp_path / "b")}
+    for argv, method in ((documented("docs/inpainting.md", "runs/inpaint_shapes", "docs/examples/in.png"), "channels"),
+                         (documented("docs/inpainting.md", "--inpaint-method", "repaint"), "repaint")):
+        out = run_sample(argv, replace)
+        results = sorted(out.glob("sample_*.png"))
+        assert len(results) == 8 and len(list(out.glob("strip_*.png"))) == 8
+        for path in results:
+            image = Image.open(path)
+            assert image.text["inpaint_method"] == method and image.text["label"] == "2"
+            assert np.array_equal(np.asarray(image)[keep], expected[keep])
+
+
+def test_quickstart_figure_is_what_its_command_draws(tiny_run, tmp_path):
+    """README: the picture is grid.png of the documented command (12 classes x 6 samples), 3x enlarged,
+    sampled with the config's DDIM 25 steps; and the accuracy command matches the numbers quoted."""
+    import yaml
+    from PIL import Image
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    argv = documented("README.md", "samples/all_classes")
+    out = run_sample(argv, {"runs/shapes": str(tiny_run), "samples/all_classes": str(tmp_path / "all")})
+    per_class = int(argv[argv.index("--num-samples") + 1])
+    assert len(list(out.glob("sample_*.png"))) == 12 * per_class
+
+    def grid_size(side: int) -> tuple[int, int]:  # torchvision's make_grid, padding 2
+        return per_class * (side + 2) + 2, 12 * (side + 2) + 2
+
+    assert Image.open(out / "grid.png").size == grid_size(8)  # the tiny run draws 8 px images
+    config = yaml.safe_load((ROOT / "configs" / "shapes.yaml").read_text())
+    figure = Image.open(ROOT / "docs" / "shapes_samples.png")
+    assert figure.size == tuple(3 * n for n in grid_size(config["data"]["resolution"]))
+    assert config["sample"]["sampler"] == "ddim" and f"DDIM {config['sample']['steps']} steps" in readme
+    accuracy = documented("README.md", "shapes-accuracy")
+    assert f"{accuracy[accuracy.index('--num-samples') + 1]} samples per scale" in readme
+    assert readme.count("6 min 26 s") == 1 and "7 min" not in readme  # one quickstart time
