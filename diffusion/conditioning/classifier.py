@@ -12,11 +12,10 @@ from typing import Sequence
 import torch
 
 from ..checkpoints.load import LoadedModel
+from ..choices import GUIDANCE_FORMS as FORMS
 from ..errors import UserError
 from ..sampling.guidance import GuidanceTerm, gradient_term
 from ..sampling.plan import SampleItem
-
-FORMS = ("eps", "mean")
 
 
 def check_form(form: str, sampler: str) -> None:

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from ..choices import SAMPLERS
 from ..errors import UserError
 from .schedule import CLEAN, NoiseSchedule
-
-SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
 
 @dataclass(frozen=True)
