@@ -26,6 +26,7 @@ from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
 from ..errors import Diverged, Interrupted, UserError
+from ..signals import blocked_stop_signals
 from .batches import training_augment, training_collate
 from .logger import MetricLogger
 from .preflight import preflight
@@ -189,7 +190,9 @@ class Trainer:
         try:
             batches = self.batches()
             while self.state.step < cfg.train.max_steps:
-                loss = self.train_step(next(batches))
+                with blocked_stop_signals():  # workers forked here must not die of a signal first
+                    batch = next(batches)
+                loss = self.train_step(batch)
                 loss_sum += loss
                 loss_count += 1
                 if not acc.sync_gradients:
