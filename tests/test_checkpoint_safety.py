@@ -195,7 +195,7 @@ def test_crash_residue_is_cleaned_at_start(run, tmp_path):
     (out / ".tmp-final").mkdir()
     shutil.copytree(out / "final", out / ".old-final")  # a kill between the two renames of an export...
     shutil.rmtree(out / "final")
-    Trainer(tiny_config(out, "train.max_steps=2"), log=False).release_run()
+    Trainer(tiny_config(out, "train.max_steps=2"), resume="auto", log=False).release_run()
     assert not list(out.rglob(".tmp-*")) and not list(out.rglob(".old-*"))
     assert ckpt.is_checkpoint(out / "final")  # ...puts the old export back
 
@@ -232,3 +232,31 @@ def test_read_weights_refuses_damage_in_one_line(run, tmp_path):
     (out / "final" / ckpt.EMA_FILE).write_bytes(bytes(data))
     with pytest.raises(UserError, match="sha256 mismatch"):
         ckpt.read_weights(out / "final")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_second_run_in_a_finished_runs_folder_is_refused_and_changes_nothing(run, tmp_path, capsys):
+    out = copy_run(run, tmp_path / "finished")
+    before = tree(out)
+    for extra in (["train.max_steps=2"], ["train.max_steps=4"]):
+        status, lines = run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}", *extra], capsys)
+        assert status == 2 and len(lines) == 1 and "already holds a run (checkpoints up to step 2, final/" in lines[0], lines
+        assert "--resume auto" in lines[0] and "--overwrite" in lines[0]
+    assert tree(out) == before
+    status, lines = run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}", "--overwrite",
+                                             "--resume", "auto"], capsys)
+    assert status == 2 and "give one of them" in lines[0], lines
+
+
+def test_overwrite_moves_the_old_run_aside_whole(run, tmp_path, capsys):
+    out = copy_run(run, tmp_path / "again")
+    before = tree(out)
+    status, _ = run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}",
+                                         "train.max_steps=1", "--overwrite"], capsys)
+    assert status == 0
+    assert tree(tmp_path / "again.previous-1") == before  # every file of the old run, unchanged
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000001"]  # the new run alone
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2

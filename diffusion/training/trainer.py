@@ -20,6 +20,7 @@ from ..checkpoints import store as ckpt
 from ..checkpoints.ema_state import save_ema_state
 from ..checkpoints.init_from import initialise_from
 from ..checkpoints.resume import load_training_state
+from ..checkpoints.run_folder import move_aside
 from ..checkpoints.run_lock import RunLock
 from ..conditioning.upsample import with_low_res
 from ..config import Config, save_config
@@ -49,12 +50,13 @@ def warmup_lr(cfg: Config, step: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, log: bool = True, on_step=None):
-        """`on_step(trainer, loss)`, if given, runs after every optimizer step (e.g. scaling-law evaluations)."""
+    def __init__(self, cfg: Config, resume: str | None = None, log: bool = True, on_step=None, overwrite: bool = False):
+        """`on_step(trainer, loss)`, if given, runs after every optimizer step (e.g. scaling-law evaluations).
+        `overwrite`: start afresh in an output_dir that holds a run, after moving that run aside."""
         self.cfg = cfg
         self.on_step = on_step
         self.run_dir = Path(cfg.output_dir)
-        self.resume_from = preflight(cfg, resume)
+        self.resume_from = preflight(cfg, resume, overwrite)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # on CPU, torchrun still runs it multi-process (gloo)
             mixed_precision=cfg.train.mixed_precision,
@@ -64,7 +66,10 @@ class Trainer:
         )
         self.run_lock = RunLock(self.run_dir) if self.accelerator.is_main_process else None  # one run per folder
         if self.run_lock is not None:
+            if overwrite:
+                self.move_old_run_aside()
             ckpt.remove_crash_residue(self.run_dir)  # .tmp-* folders of a killed save; safe under the lock
+        self.accelerator.wait_for_everyone()
         set_seed(cfg.train.seed, device_specific=True)
         use_fast_cuda_math(self.accelerator.device, cfg.train.allow_tf32)
         dataset = with_low_res(build_dataset(cfg.data), cfg)  # upsamplers: items carry their low-res input
@@ -127,6 +132,15 @@ class Trainer:
         """Model, optimizer, RNG and EMA state (checked, no code-running pickles) and the data position."""
         saved = load_training_state(path, self.accelerator, self.ema, self.core)
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
+
+    def move_old_run_aside(self) -> None:
+        """--overwrite: rename the run in output_dir aside whole, under its lock, and lock the new folder."""
+        old_lock = self.run_lock
+        aside = move_aside(self.run_dir)
+        if aside is not None:
+            self.run_lock = RunLock(self.run_dir)
+            old_lock.release()
+            print(f"--overwrite: moved the run that was in {self.run_dir} to {aside}")
 
     def release_run(self) -> None:
         """Let another process train in this run folder (a process exit releases it too)."""
@@ -248,8 +262,8 @@ class Trainer:
         ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, keep=0)
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
-    trainer = Trainer(cfg, resume)
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+    trainer = Trainer(cfg, resume, overwrite=overwrite)
     run_dir = trainer.fit()
     trainer.accelerator.print(f"run saved in {run_dir}")
     return run_dir
