@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import argparse
 
+from diffusion.cli.args import Parser, add_trust_argument, apply_trust
 from diffusion.config import load_config
 from diffusion.errors import exit_on_user_error
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config, e.g. configs/shapes.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=200 output_dir=runs/try")
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a checkpoint directory")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an output_dir that holds one, after moving that run to OUTPUT_DIR.previous-N")
+    add_trust_argument(parser)
     args = parser.parse_intermixed_args(argv)
+    apply_trust(args)
     cfg = load_config(args.config, args.overrides)
 
     from diffusion.training.preflight import preflight

@@ -18,6 +18,7 @@ import traceback
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from ..cli.args import Parser, add_trust_argument, apply_trust  # noqa: E402
 from . import backend as B  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"
@@ -255,8 +256,8 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.demos.app", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m diffusion.demos.app", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="denoiser run directory or checkpoint")
     parser.add_argument("--inpaint-checkpoint", default=None, help="in-painting run (model.inpaint: true) for the In-paint tab")
     parser.add_argument("--upsampler", default=None, help="upsampler run (model.upsample: true) for the Upscale tab: "
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    add_trust_argument(parser)
     return parser
 
 
@@ -275,8 +277,9 @@ def launch(demo, host: str, port: int, block: bool = True):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        apply_trust(args)
         import_gradio()
         models = B.load_models(B.DemoPaths(args.checkpoint, args.inpaint_checkpoint, args.upsampler, args.classifier,
                                            args.clip, args.device))

@@ -56,14 +56,17 @@ def find_resume(cfg: Config, resume: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        from ..checkpoints.store import list_checkpoints
+        from ..checkpoints.store import newest_checkpoint
 
-        found = list_checkpoints(cfg.output_dir)
-        path = found[-1] if found else None
+        path = newest_checkpoint(cfg.output_dir)
     else:
         path = Path(resume)
     if path is not None:
         check_resume_checkpoint(path)
+        from ..checkpoints.settings import check_resume_settings
+        from ..checkpoints.store import read_config
+
+        check_resume_settings(path, read_config(path), cfg)
     return path
 
 

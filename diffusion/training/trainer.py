@@ -5,8 +5,8 @@ Follows diffusers' train_unconditional.py: one Accelerator drives CPU, one GPU o
 """
 from __future__ import annotations
 
-import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -26,9 +26,11 @@ from ..conditioning.upsample import with_low_res
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
-from ..errors import Diverged, Interrupted, UserError
+from ..errors import Diverged, Interrupted, UserError, first_line, one_line
+from ..memory import check_training_memory
 from ..signals import blocked_stop_signals
 from .batches import training_augment, training_collate
+from .guard import LossGuard
 from .logger import MetricLogger
 from .preflight import preflight
 from .stop import StopRequest
@@ -74,13 +76,14 @@ class Trainer:
         use_fast_cuda_math(self.accelerator.device, cfg.train.allow_tf32)
         dataset = with_low_res(build_dataset(cfg.data), cfg)  # upsamplers: items carry their low-res input
         self.state = ckpt.TrainState(class_names=resolve_dataset_info(cfg, dataset))
+        per_device_batch = cfg.train.batch_size // self.accelerator.num_processes
+        check_training_memory(cfg, self.accelerator.device, max(1, per_device_batch))  # before allocating anything
         self.task: Task = build_task(cfg)
         model = self.task.build_model()
         if cfg.init_from and self.resume_from is None:
             initialise_from(model, cfg.init_from, cfg)
         if self.accelerator.device.type == "cuda" and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        per_device_batch = cfg.train.batch_size // self.accelerator.num_processes
         if per_device_batch * self.accelerator.num_processes != cfg.train.batch_size:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by {self.accelerator.num_processes} processes")
         if len(dataset) < per_device_batch:
@@ -131,6 +134,11 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Model, optimizer, RNG and EMA state (checked, no code-running pickles) and the data position."""
         saved = load_training_state(path, self.accelerator, self.ema, self.core)
+        per_epoch = len(self.loader)
+        if saved.step * self.cfg.train.grad_accum != saved.epoch * per_epoch + saved.batch_in_epoch:
+            raise UserError(f"cannot resume from {path}: its {ckpt.INFO_FILE} says step {saved.step} but data position "
+                            f"epoch {saved.epoch}, batch {saved.batch_in_epoch} (at {per_epoch} batches an epoch): "
+                            "info.json was edited, or the dataset changed size since the save")
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
 
     def move_old_run_aside(self) -> None:
@@ -201,6 +209,7 @@ class Trainer:
         loss_sum, loss_count, tick, tick_step = torch.zeros((), device=acc.device), 0, time.perf_counter(), self.state.step
         last_saved = self.state.step if self.resume_from else -1
         saved = self.resume_from
+        guard = LossGuard(cfg, saved, self.state.step)
         try:
             batches = self.batches()
             while self.state.step < cfg.train.max_steps:
@@ -220,20 +229,19 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                     elapsed = time.perf_counter() - tick
                     mean_loss = (acc.gather(loss_sum).sum() / (loss_count * acc.num_processes)).item()
-                    if not math.isfinite(mean_loss):
-                        raise Diverged(f"the loss is {mean_loss} at step {step}: training diverged; the last saved "
-                                       f"checkpoint is {saved}; lower train.lr or set train.grad_clip and resume from it")
                     metrics = {"loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
                                "images_per_sec": images_per_step * (step - tick_step) / elapsed}
                     self.logger.log(step, metrics)
+                    guard.check(step, mean_loss, step - tick_step)  # the same value on every rank
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     loss_sum.zero_()
                     loss_count, tick, tick_step = 0, time.perf_counter(), step
-                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and acc.is_main_process:
-                    self.with_ema_weights(lambda core: self.task.preview(core, step, self.run_dir))
-                if step % cfg.train.checkpoint_every == 0:
+                if step % cfg.train.checkpoint_every == 0:  # before the preview: a failing preview costs nothing
                     saved = self.save_checkpoint()
                     last_saved = step
+                    guard.saved(saved, step)
+                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and acc.is_main_process:
+                    self.preview(step)
                 if stop.agreed(acc):  # only here, after a real optimizer step, and on every rank at once
                     break
             if last_saved != self.state.step:
@@ -250,6 +258,15 @@ class Trainer:
             acc.print(f"interrupted by {name} at step {self.state.step}: saved {saved}; continue with --resume auto")
             raise Interrupted(f"interrupted by {name}", stop.signum)
         return self.run_dir
+
+    def preview(self, step: int) -> None:
+        """The task's preview (a sample grid) with the EMA weights. It cannot stop training: a failure
+        is one warning line, and the run goes on (its checkpoint at this step is already saved)."""
+        try:
+            self.with_ema_weights(lambda core: self.task.preview(core, step, self.run_dir))
+        except Exception as err:  # noqa: BLE001 - a preview is a convenience, the run is what matters
+            message = one_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
+            tqdm.write(f"warning: the preview at step {step} failed ({message}); training goes on", file=sys.stderr)
 
     def export(self) -> None:
         """Final EMA model, as a checkpoint sample.py reads and in plain-diffusers format."""
