@@ -133,7 +133,7 @@ def files(tmp_path_factory) -> Files:
     restamp(planted)  # its sha256 updated too, as a planter would: torch.load itself must refuse it
     with_file(checkpoint, root / "damaged" / "step-000002", "ema.safetensors",
                         (checkpoint / "ema.safetensors").read_bytes()[:-1] + b"\x00")
-    with_file(checkpoint, root / "broken_config", "config.yaml", b"model:\n  channel_mult: [1, 2\n")
+    restamp(with_file(checkpoint, root / "broken_config", "config.yaml", b"model:\n  channel_mult: [1, 2\n"))
     (root / "evil.bin").write_bytes(evil)
     (root / "garbage.pt2").write_bytes(b"PK\x03\x04 not really a zip archive")
     (root / "tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))

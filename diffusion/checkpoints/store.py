@@ -126,7 +126,9 @@ def file_digests(path: Path) -> dict[str, str]:
 
 
 def write_info(path: Path, state: TrainState, digests: dict[str, str] | None = None) -> None:
-    atomic_write_text(path / INFO_FILE, json.dumps({**state.__dict__, DIGESTS: digests or {}}, indent=2))
+    """info.json: `state` and the sha256 of every other file (`digests`, computed here if not given)."""
+    digests = file_digests(path) if digests is None else digests
+    atomic_write_text(path / INFO_FILE, json.dumps({**state.__dict__, DIGESTS: digests}, indent=2))
 
 
 def _read_info_json(path: Path) -> dict[str, Any]:
