@@ -60,7 +60,15 @@ for _cls in (ConfigLoader, ConfigDumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
     _cls.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
-ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+def _construct_int(loader: ConfigLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if len(text) > 30:  # Python refuses to parse over 4300 digits; no config value needs 30
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text)} digits is no config value",
+                                                node.start_mark)
+    return int(text)
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 MAX_YAML_CHARS = 1 << 20  # a config is a few kilobytes

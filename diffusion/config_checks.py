@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 SEED_LIMIT = 2**32  # numpy's seeds (accelerate's set_seed seeds numpy too)
 MAX_TIMESTEPS = 100_000  # the noise tables and a DDPM sample grow with it; papers use 1000-4000
 MAX_WIDTH = 16_384  # channels of the widest U-Net level (base_channels x largest channel_mult)
+MAX_LAYERS = 64  # blocks per U-Net level, or transformer layers: each is built, even on the meta device
 MAX_DATASET = 10_000_000  # procedural shapes / subset size: every epoch draws a permutation this long
 MAX_LOSS_SPIKE = 1e6
 
@@ -59,6 +60,10 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{key: _POSITIVE for key in ("train.lr", "train.ema_power")},
     **{key: _SEED for key in ("train.seed", "data.shapes_seed", "data.subset_seed")},
     "diffusion.num_train_timesteps": _between(1, MAX_TIMESTEPS),
+    **{key: _between(1, MAX_LAYERS) for key in ("model.layers_per_block", "model.text.layers", "model.vision.layers")},
+    **{key: _between(1, MAX_WIDTH) for key in (
+        "model.attention_head_dim", "model.embed_dim", "model.text.width", "model.text.heads", "model.vision.width",
+        "model.vision.head_width", "model.vision.patch_size")},
     "data.shapes_size": _between(1, MAX_DATASET),
     "data.subset_size": _between(0, MAX_DATASET),
     "model.text.context_length": _between(3, 4096),  # start and end tokens, and one word

@@ -78,7 +78,9 @@ def exit_on_user_error(main: F) -> F:
         except UserError as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
             raise SystemExit(2) from None
-        except Interrupted as err:
+        except Interrupted as err:  # saved: a further Ctrl-C while the interpreter exits changes nothing
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             raise SystemExit(err.exit_status) from None
         except Diverged as err:
             print(f"error: {one_line(err)}", file=sys.stderr)

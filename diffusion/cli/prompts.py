@@ -29,7 +29,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UserError(f"--prompts-file {path} not found: give a text file with one prompt per line")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [line.strip() for line in path.read_bytes().decode("utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise UserError(f"--prompts-file {path} is not UTF-8 text: give a text file with one prompt per line") from None
         found = [line for line in lines if line]
         if not found:
             raise UserError(f"--prompts-file {path} has no prompts: write one prompt per line")

@@ -150,6 +150,16 @@ class Trainer:
             old_lock.release()
             print(f"--overwrite: moved the run that was in {self.run_dir} to {aside}")
 
+    def stop_workers(self, batches) -> None:
+        """Shut the data-loader workers down now, whatever ended the loop. They ignore SIGTERM (see
+        diffusion.signals), so leaving them to the interpreter's exit, which terminates leftover workers
+        with SIGTERM and then joins them, would wait forever after an error."""
+        batches.close()  # ends a resumed run's partial-epoch loader, if one is running
+        iterator = getattr(self.loader, "_iterator", None)  # persistent workers: the loader keeps its iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            self.loader._iterator = None
+
     def release_run(self) -> None:
         """Let another process train in this run folder (a process exit releases it too)."""
         if self.run_lock is not None:
@@ -210,8 +220,8 @@ class Trainer:
         last_saved = self.state.step if self.resume_from else -1
         saved = self.resume_from
         guard = LossGuard(cfg, saved, self.state.step)
+        batches = self.batches()
         try:
-            batches = self.batches()
             while self.state.step < cfg.train.max_steps:
                 with blocked_stop_signals():  # workers forked here must not die of a signal first
                     batch = next(batches)
@@ -251,6 +261,7 @@ class Trainer:
         finally:  # a signal during the saves above still lets them finish
             bar.close()
             stop.restore()
+            self.stop_workers(batches)
             self.release_run()
         self.logger.close()
         if stop.signum is not None:
