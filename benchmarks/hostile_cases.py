@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -69,9 +70,28 @@ class Case:
     prepare: Callable[[Env, Path], None] | None = None
     runner: Callable[[Env, Path], Result] | None = None
     quick: bool = True  # answered before any training: tests/test_bad_input.py runs it in-process
+    cpu_only: bool = False  # bad input on a CPU-only machine only (fp16 works on a GPU)
 
 
 STEP4 = "checkpoints/step-000004"
+MARKER = "MARKER"  # in Env.root: created by any hostile pickle that gets unpickled
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`: the case fails if any loader lets it run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+TINY_OPEN_CLIP = {  # an open_clip architecture small enough to build in a moment
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 # -- the shared files -------------------------------------------------------------------------------
@@ -114,6 +134,16 @@ def build_env(root: Path) -> Env:
     (files / "binary.txt").write_bytes(b"\xff\xfe\x00 not text \xc3")
     (files / "empty.txt").write_text("\n\n")
     (files / "a_file").write_text("not a folder")
+    import pickle
+
+    import torch
+
+    (files / "evil.bin").write_bytes(pickle.dumps(Payload(root / MARKER)))
+    torch.save(Payload(root / MARKER), files / "evil_archive.bin")  # the zip format torch.save writes, around it
+    (files / "garbage.pt2").write_bytes(b"PK\x03\x04 not really a zip archive")
+    (files / "tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    for i in range(4):
+        picture(files / "images" / f"{i}.png", 40 * i, (8, 8))
     fifo = files / "fifo.png"
     if not fifo.exists():
         os.mkfifo(fifo)
@@ -168,12 +198,12 @@ def config_file(name: str, text: str | bytes, words: str) -> Case:
     return Case("config file", name, argv, words, prepare=prepare)
 
 
-def edited_copy(edit: Callable[[Path], None], restamp: bool = False) -> Callable[[Env, Path], None]:
+def edited_copy(edit: Callable[[Path, Env], None], restamp: bool = False) -> Callable[[Env, Path], None]:
     """A copy of the shared run whose newest checkpoint `edit` changes (then re-digested, if `restamp`,
     as someone planting a file would)."""
     def prepare(env: Env, folder: Path) -> None:
         run = env.copy_run(folder)
-        edit(run / STEP4)
+        edit(run / STEP4, env)
         if restamp:
             from diffusion.checkpoints import store
 
@@ -183,44 +213,50 @@ def edited_copy(edit: Callable[[Path], None], restamp: bool = False) -> Callable
     return prepare
 
 
-def set_info(**changes) -> Callable[[Path], None]:
-    def edit(checkpoint: Path) -> None:
+def set_info(**changes) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
         info = json.loads((checkpoint / "info.json").read_text())
         info.update(changes)
         (checkpoint / "info.json").write_text(json.dumps(info))
     return edit
 
 
-def keep_digests(count: int) -> Callable[[Path], None]:
-    def edit(checkpoint: Path) -> None:
+def keep_digests(count: int) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
         info = json.loads((checkpoint / "info.json").read_text())
         info["sha256"] = dict(list(info["sha256"].items())[:count])
         (checkpoint / "info.json").write_text(json.dumps(info))
     return edit
 
 
-def flip_byte(name: str) -> Callable[[Path], None]:
-    def edit(checkpoint: Path) -> None:
+def flip_byte(name: str) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
         data = bytearray((checkpoint / name).read_bytes())
         data[-3] ^= 0x10
         (checkpoint / name).write_bytes(bytes(data))
     return edit
 
 
-def replace_text(name: str, old: str, new: str) -> Callable[[Path], None]:
-    def edit(checkpoint: Path) -> None:
+def replace_text(name: str, old: str, new: str) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
         (checkpoint / name).write_text((checkpoint / name).read_text().replace(old, new))
     return edit
 
 
-def write_file(name: str, content: bytes) -> Callable[[Path], None]:
-    def edit(checkpoint: Path) -> None:
-        (checkpoint / name).write_bytes(content)
+def write_file(name: str, content: bytes | str) -> Callable[[Path, Env], None]:
+    """Replace a file of the checkpoint by `content`, or by the shared file named `content` (a str)."""
+    def edit(checkpoint: Path, env: Env) -> None:
+        data = content if isinstance(content, bytes) else env.file(content).read_bytes()
+        (checkpoint / name).write_bytes(data)
     return edit
 
 
-def remove(name: str) -> Callable[[Path], None]:
-    def edit(checkpoint: Path) -> None:
+def no_code_ran(env: Env, folder: Path, result: Result) -> str | None:
+    return "a hostile pickle ran (MARKER exists)" if (env.root / MARKER).exists() else None
+
+
+def remove(name: str) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
         (checkpoint / name).unlink()
     return edit
 
@@ -252,7 +288,7 @@ def moved_aside(env: Env, folder: Path, result: Result) -> str | None:
 
 def no_stale_samples(env: Env, folder: Path, result: Result) -> str | None:
     """The folder holds this call's images only (it says how many it wrote)."""
-    wrote = int(result.out.split("wrote ")[1].split()[0])
+    wrote = int(re.search(r"wrote (\d+) samples", result.out).group(1))
     found = len(list((folder / "samples").glob("sample_*.png")))
     return None if found == wrote else f"{found} images in --out, this call wrote {wrote}"
 
@@ -548,7 +584,7 @@ SAMPLE = [  # (id, edit of the newest checkpoint, re-digest it, words)
 ]
 
 
-def nan_weights(checkpoint: Path) -> None:
+def nan_weights(checkpoint: Path, env: Env) -> None:
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(checkpoint / "ema.safetensors"))
@@ -684,4 +720,42 @@ CASES += [
     upload("upload corrupt", "corrupt.png", "not an image PIL can read"),
     upload("upload text file", "notes.txt", "not an image PIL can read"),
     upload("editor upload", "bomb.png", "cannot be read"),
+]
+
+CODE = [  # (id, file of the newest checkpoint, shared file put there, words): none may run the pickle inside
+    ("a code-running pickle as optimizer.bin", "accelerate/optimizer.bin", "evil.bin", "not a torch.save archive"),
+    ("a code-running pickle as model.safetensors", "accelerate/model.safetensors", "evil.bin", "not a safetensors file"),
+    ("code in a torch.save archive as optimizer.bin", "accelerate/optimizer.bin", "evil_archive.bin", "cannot resume from"),
+    ("code in a torch.save archive as random_states_0.pkl", "accelerate/random_states_0.pkl", "evil_archive.bin",
+     "random_states_0.pkl is damaged"),
+]
+EVALUATE_FID = ("evaluate", "fid", "--samples", "{files}/images", "--reference", "{files}/images")
+
+
+def evaluate_argv(*args: str) -> Callable[[Env, Path], list[str]]:
+    def argv(env: Env, folder: Path) -> list[str]:
+        return [a.format(files=env.root / "files", folder=folder, run=env.run) for a in args]
+    return argv
+
+
+CASES += [
+    *[Case("hostile files", f"resume: {name}", resume_argv(), words, prepare=edited_copy(write_file(file, planted), True),
+           check=no_code_ran) for name, file, planted, words in CODE],
+    Case("hostile files", "sample: --clip-weights a code-running pickle",
+         sample_argv("--prompt", "a red circle", "--clip", "open_clip:{files}/tiny-clip.json", "--clip-weights",
+                     "{files}/evil.bin"), "cannot load CLIP weights", check=no_code_ran),
+    Case("hostile files", "evaluate fid: --inception-weights a code-running pickle",
+         evaluate_argv(*EVALUATE_FID, "--inception-weights", "{files}/evil.bin"), "refusing to load it", check=no_code_ran),
+    Case("hostile files", "evaluate fid: a .pt2 --feature-extractor that is not one",
+         evaluate_argv(*EVALUATE_FID, "--feature-extractor", "{files}/garbage.pt2"), "neither a TorchScript module"),
+    Case("evaluate", "an unknown evaluation", evaluate_argv("evaluate", "bogus"), "unknown evaluation"),
+    Case("evaluate", "fid: --samples missing", evaluate_argv("evaluate", "fid", "--samples", "{folder}/nowhere",
+                                                             "--reference", "{files}/images"), "nowhere"),
+    Case("evaluate", "fid: --samples holds no images", evaluate_argv("evaluate", "fid", "--samples", "{folder}",
+                                                                     "--reference", "{files}/images"),
+         None),  # offline, the missing Inception weights are named first (they are checked before any sampling)
+    Case("evaluate", "fid: --num-samples abc", evaluate_argv(*EVALUATE_FID, "--num-samples", "abc"), "--num-samples"),
+    Case("evaluate", "classifier: a denoiser checkpoint", evaluate_argv("evaluate", "classifier", "--checkpoint", "{run}"),
+         "classifier"),
+    config("run folder", "train.mixed_precision=fp16", "fp16", cpu_only=True),
 ]

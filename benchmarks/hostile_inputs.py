@@ -86,9 +86,9 @@ def classify(case: Case, result: Result, env: Env, folder: Path) -> tuple[str, s
     if result.status != case.status:
         wrong = "lost" if case.lost else "silently wrong" if result.status == 0 else "unclear"
         return wrong, f"exit {result.status}, expected {case.status}: {(error_lines(text) or [''])[0][:160]}"
-    if case.status != 0 and case.words is not None:
+    if case.status != 0 and (case.words is not None or case.status == 2):
         errors = error_lines(result.err)
-        if len(errors) != 1 or case.words not in errors[0]:
+        if len(errors) != 1 or (case.words or "") not in errors[0]:
             return "unclear", f"{len(errors)} error lines, wanted one naming {case.words!r}: {(errors or [''])[0][:160]}"
     return "clean", ""
 
@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.hostile_cases import run_demo_case
 
         return run_demo_case(args.demo_case)
-    cases = [c for c in CASES if args.only is None or args.only in c.id or args.only == c.group]
+    import torch
+
+    cases = [c for c in CASES if (args.only is None or args.only in c.id or args.only == c.group)
+             and not (c.cpu_only and torch.cuda.is_available())]
     if args.list:
         for case in cases:
             print(f"{case.group:<12} {case.id}")
