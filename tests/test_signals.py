@@ -173,3 +173,24 @@ def test_a_signal_ignored_at_start_stays_ignored():
         stop.restore()
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_an_unreadable_image_read_by_a_worker_ends_the_run_in_one_line(tmp_path):
+    """The workers ignore SIGTERM, so the interpreter's exit (which terminates leftover workers with
+    SIGTERM, then joins them) would wait forever after an error: the trainer shuts them down itself.
+    The worker's error is one line naming the file."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    proc = subprocess.run([sys.executable, "train.py", "configs/shapes.yaml", *TINY, "train.max_steps=2",
+                           "data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.num_workers=2",
+                           "train.batch_size=2", f"output_dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "cannot read image" in errors[0] and "broken.png" in errors[0], errors
