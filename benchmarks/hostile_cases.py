@@ -759,3 +759,11 @@ CASES += [
          "classifier"),
     config("run folder", "train.mixed_precision=fp16", "fp16", cpu_only=True),
 ]
+
+CASES += [
+    Case("sample flags", "--prompt not UTF-8", sample_argv("--prompt", "a \udcff circle"), "--prompt is not valid UTF-8"),
+    Case("sample flags", "--image path not UTF-8", sample_argv("--image", "{folder}/\udcff.png", "--mask", "{files}/mask.png"),
+         "--image is not valid UTF-8"),
+    Case("sample flags", "--out not UTF-8", sample_argv("--out", "{folder}/\udcff"), "--out is not valid UTF-8"),
+    Case("sample flags", "--prompt of 100000 characters", sample_argv("--prompt", "word " * 20000), "--prompt needs"),
+]

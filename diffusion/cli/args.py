@@ -23,6 +23,15 @@ def finite_float(text: str) -> float:
     return value
 
 
+def check_text(option: str, text: str) -> None:
+    """Text from the command line goes into files, PNG metadata and prompts: refuse bytes that are not
+    UTF-8 (Python keeps them as lone surrogates, which no UTF-8 writer accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{option} is not valid UTF-8 text: {preview(text)}") from None
+
+
 class Parser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are a UserError (one line, exit status 2) and whose float
     options (`type=float`, in any argument group) are finite."""
@@ -34,7 +43,13 @@ class Parser(argparse.ArgumentParser):
         for action in self._actions:
             if action.type is float:
                 action.type = finite_float
-        return super().parse_known_args(args, namespace)
+        parsed, rest = super().parse_known_args(args, namespace)
+        names = {action.dest: (action.option_strings or [action.dest])[0] for action in self._actions}
+        for dest, value in vars(parsed).items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str):
+                    check_text(names.get(dest, dest), item)
+        return parsed, rest
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoints.load import LoadedModel
-from ..errors import UserError
+from ..errors import UserError, preview
 from ..models.text import token_count
 from ..sampling.guidance import CFGOptions
 from ..sampling.plan import SamplingPlan
@@ -43,7 +43,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def warn_if_cut(prompt: str, context_length: int) -> None:
     count = token_count(prompt)
     if count > context_length:
-        print(f"warning: prompt '{prompt}' has {count} tokens, more than the model's context length of "
+        print(f"warning: prompt {preview(prompt)} has {count} tokens, more than the model's context length of "
               f"{context_length}: it was cut to the first {context_length - 2}", file=sys.stderr)
 
 
