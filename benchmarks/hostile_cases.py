@@ -311,6 +311,13 @@ def class_count(expected: int) -> Callable[[Env, Path, Result], str | None]:
 
 # -- signals --------------------------------------------------------------------------------------------
 
+def as_from_a_terminal() -> None:
+    """A command typed into a terminal handles Ctrl-C and SIGHUP; a process started in the background of
+    a script (like this drill, perhaps) would inherit them ignored, and a run keeps ignored signals ignored."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def signalled(signals: tuple[int, ...], launcher: tuple[str, ...] = (), gap: float = 0.01,
               *extra: str) -> Callable[[Env, Path], Result]:
     """Start an endless run with 2 loader workers in its own process group, wait for its first logged
@@ -321,7 +328,8 @@ def signalled(signals: tuple[int, ...], launcher: tuple[str, ...] = (), gap: flo
                    "train.checkpoint_every=100000", "data.num_workers=2", f"output_dir={out}", *extra]
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                                preexec_fn=as_from_a_terminal)
         try:
             while not (out / "metrics.csv").exists() and proc.poll() is None and time.perf_counter() - start < 150:
                 time.sleep(0.2)
