@@ -86,6 +86,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def raw_call(port: int, api_name: str, data: list) -> None:
+    """Call the page's API with plain HTTP: JSON allows NaN there (gradio_client refuses to send it).
+    Raises RuntimeError with the page's message if the call ends in an error."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}/gradio_api/call/{api_name}"
+    body = json.dumps({"data": data})  # NaN is written as NaN, as a browser's JSON.stringify would not
+    event = httpx.post(base, content=body, headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
+    with httpx.stream("GET", f"{base}/{event}", timeout=600) as stream:
+        lines = list(stream.iter_lines())
+    if any(line.startswith("event: error") for line in lines):
+        data_lines = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        message = json.loads(data_lines[-1]) if data_lines else "error"
+        raise RuntimeError(message.get("error") if isinstance(message, dict) else message)
+
+
 def demo_mistakes(run: Path, folder: Path) -> dict[str, str]:
     """Start the demo on `run`, send the two mistakes through its API; {mistake: the message shown}."""
     import numpy as np
@@ -110,8 +126,8 @@ def demo_mistakes(run: Path, folder: Path) -> dict[str, str]:
         common = [0, "", "", 3.0, "ddim", 10, 0]  # class, prompt, negative, scale, sampler, steps, seed
         more = [None, None, 0, None, None, None]  # classifier/CLIP scales, rescale, threshold, interval
         for mistake, call in (
-                ("a NaN guidance scale", lambda: client.predict(0, "", "", float("nan"), "ddim", 10, 0, 1, *more,
-                                                                api_name="/on_generate")),
+                ("a NaN guidance scale", lambda: raw_call(port, "on_generate", [0, "", "", float("nan"), "ddim", 10, 0, 1,
+                                                                                *more])),
                 ("a mask layer of another size than the image",
                  lambda: client.predict({"background": handle_file(str(folder / "photo.png")),
                                          "layers": [handle_file(str(folder / "layer.png"))], "composite": None},
@@ -141,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = store.list_checkpoints(run)
     logged = int((run / "metrics.csv").read_text().splitlines()[-1].split(",")[0])
     saved = store.read_info(checkpoints[-1]).step if checkpoints else None
-    print(f"1. terminal closed at step {logged}: exit status {status}, checkpoint saved at step {saved}")
+    print(f"1. terminal closed (last logged step {logged}): exit status {status}, checkpoint saved at step {saved}")
     ok &= status == 128 + signal.SIGHUP and saved is not None and saved >= logged
 
     before = tree_digest(run)
