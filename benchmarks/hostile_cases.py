@@ -118,7 +118,7 @@ def build_env(root: Path) -> Env:
     files.mkdir(parents=True, exist_ok=True)
     if not (env.run / "final").is_dir():
         subprocess.run([sys.executable, "train.py", "configs/shapes.yaml", *TINY, "train.max_steps=4",
-                        f"output_dir={env.run}", "--overwrite"], cwd=ROOT, check=True, capture_output=True,
+                        f"output_dir={env.run}"], cwd=ROOT, check=True, capture_output=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     picture(files / "image.png", 90, (16, 12))
     mask = np.zeros((12, 16), np.uint8)
