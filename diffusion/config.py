@@ -142,6 +142,8 @@ class DataConfig:
     shapes_size: int = 10000  # number of distinct procedural images
     shapes_seed: int = 0
     celeba_attributes: list[str] = field(default_factory=list)  # class label = bits of these attributes
+    celeba_captions: str = "all"  # all: a sentence from the 40 attributes | class: from celeba_attributes alone
+    cache: bool = False  # keep decoded, resized images in memory (celeba): for small images on CPUs
     subset_size: int = 0  # >0: train on a seeded subset of this many images; smaller ones nest in larger ones
     subset_seed: int = 0
 

@@ -15,6 +15,7 @@ from .errors import UserError, preview
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("denoiser", "classifier", "clip"),
     "data.name": ("shapes", "cifar10", "celeba", "imagefolder"),
+    "data.celeba_captions": ("all", "class"),
     "model.condition": ("none", "class", "text"),
     "model.pool": ("attention", "mean"),
     "diffusion.beta_schedule": ("linear", "cosine"),

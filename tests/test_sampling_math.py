@@ -1,4 +1,4 @@
-"""The sampling math: schedule, samplers' steps, the order x0 -> clip -> guidance -> update, CFG."""
+"""The sampling math: schedule, samplers' steps, the order model -> guidance -> x0 clip -> update, CFG."""
 from __future__ import annotations
 
 import pytest
@@ -142,16 +142,18 @@ def documented_shift(name: str, form: str, step, x_prev_steps, s: float, g: torc
 
 @pytest.mark.parametrize("name,form", [("ddpm", "eps"), ("ddim", "eps"), ("dpmsolver", "eps"), ("ddpm", "mean")])
 def test_one_guided_step_moves_the_sample_by_the_documented_shift(name, form):
-    """Across t, with a model whose raw x0 lies far outside [-1, 1] (so x0 is clipped every step),
-    the guided step's change equals the documented shift within 1%: clipping happens before the
-    guidance term, never after it."""
+    """Across t, where the guided x0 stays in [-1, 1] (so the clip after the guidance terms does not
+    bind), the guided step's change equals the documented shift within 1%. The gradient is sized per
+    step so that the eps form moves x0 by about 0.05 per pixel."""
     n = 50
-    target = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    model_fn = oracle(target, SCHEDULE, scale_x0=3.0)
-    g = 0.1 * torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(2))
-    term = gradient_term(lambda x, t: (x * g).sum(dim=(1, 2, 3)), scale=1.0, form=form)
+    target = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1)) - 0.5
+    model_fn = oracle(target, SCHEDULE)
+    unit = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     steps = build_sampler(SCHEDULE, name, n).steps
     for index in [0, 1, 5, 10, 20, 30, 40, 48, 49]:
+        ab = SCHEDULE.alpha_bar(steps[index].t)
+        g = 0.05 * ab.sqrt() / (1 - ab) * unit
+        term = gradient_term(lambda x, t, g=g: (x * g).sum(dim=(1, 2, 3)), scale=1.0, form=form)
         noise, _ = seeded_noise((3, 4, 4), [3])
         x, plain_next, step = run_steps(name, n, index, model_fn, noise)
         _, guided_next, _ = run_steps(name, n, index, model_fn, noise, term)
@@ -163,6 +165,30 @@ def test_one_guided_step_moves_the_sample_by_the_documented_shift(name, form):
         ratio = float((achieved * promised).sum() / (promised * promised).sum())
         residual = float((achieved - promised).norm() / promised.norm())
         assert abs(ratio - 1) < 0.01 and residual < 0.01, f"{name} {form} t={step.t}: ratio {ratio:.4f}"
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_guided_x0_is_clipped_after_the_guidance_terms(name):
+    """The sampler receives clip(x0 + shift): a guided prediction of the clean image is an image too,
+    so a guide's push at high noise (2e4 * g at t = 999 of the cosine schedule) stays bounded."""
+    schedule = NoiseSchedule.from_config(DiffusionConfig(beta_schedule="cosine"))
+    target = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    model_fn = oracle(target, schedule, scale_x0=1.5)  # raw x0 partly outside [-1, 1]
+    g = 0.01 * torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    term = gradient_term(lambda x, t: (x * g).sum(dim=(1, 2, 3)), scale=1.0)
+    sampler = build_sampler(schedule, name, 10)
+    seen = []
+    update = sampler.update
+    sampler.update = lambda x, x0, *rest: seen.append(x0) or update(x, x0, *rest)
+    trajectory = Trajectory(schedule, sampler, [torch.Generator().manual_seed(0)], Guidance(terms=[term]))
+    x = seeded_noise((3, 4, 4), [0])[0]
+    with torch.no_grad():
+        for step in sampler.steps[:3]:
+            ab = schedule.alpha_bar(step.t)
+            expected = (1.5 * target + (1 - ab) / ab.sqrt() * g).clamp(-1, 1)
+            x = trajectory.step(model_fn, x, step)
+            torch.testing.assert_close(seen[-1], expected, atol=3e-3, rtol=0)  # fp32 x0 <-> eps at ab = 2.4e-9
+    assert float((seen[0].abs() > 0.99).float().mean()) > 0.5  # at t = 999 the shift saturates: clipped, not kept
 
 
 def test_mean_form_coefficient_gives_sigma_times_gradient():

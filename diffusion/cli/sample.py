@@ -6,24 +6,27 @@ options, turns the sample templates into more specific ones, then adds guidance 
 finishers to the plan. `FEATURES` lists them in the order they run: a later feature sees what an
 earlier one chose (classifier guidance keeps a class-conditional model's label; CLIP guidance needs
 the prompts read before it).
+
+The parser is built without importing torch (the feature modules import it inside their
+functions), so `sample.py --help` and a missing checkpoint answer at once.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from ..checkpoints.load import LoadedModel, load_model
-from ..device import PRECISIONS, default_precision, pick_device, prepare_for_sampling
+from ..choices import PRECISIONS, SAMPLERS
 from ..errors import UserError, exit_on_user_error
-from ..memory import check_sampling_memory
-from ..sampling.images import save_grid, save_png
-from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
-from ..sampling.samplers import SAMPLERS
+from ..threads import prefer_passive_waits, set_cpu_threads
 from . import classifier, clip, inpaint, prompts, upsample
 from .args import Parser, add_trust_argument, apply_trust
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..checkpoints.load import LoadedModel
+    from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan
 
 
 class Feature(Protocol):
@@ -44,6 +47,8 @@ class ClassLabel:
                             help="class index for a class-conditional model (default: cycle through classes)")
 
     def variants(self, args, loaded, variants):
+        import torch
+
         model = loaded.model
         if getattr(model, "condition", "none") != "class":
             if args.class_label is not None and not getattr(args, "classifier", None):
@@ -127,6 +132,9 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def sampler_settings(args: argparse.Namespace, loaded: LoadedModel) -> SamplerSettings:
     """The command line's sampler, steps, scale, batch size and precision, defaulting to the run's config."""
+    from ..device import default_precision
+    from ..sampling.plan import SamplerSettings
+
     sampler = args.sampler or loaded.cfg.sample.sampler
     total = loaded.cfg.diffusion.num_train_timesteps
     steps = args.steps or (total if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
@@ -140,6 +148,8 @@ def sampler_settings(args: argparse.Namespace, loaded: LoadedModel) -> SamplerSe
 
 def make_plan(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[Feature],
               settings: SamplerSettings) -> SamplingPlan:
+    from ..sampling.plan import SampleItem, SamplingPlan
+
     variants = [SampleItem(seed=0)]
     for feature in feature_list:
         variants = feature.variants(args, loaded, variants)
@@ -156,6 +166,9 @@ def make_plan(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[
 
 
 def load_denoiser(path: str, device: torch.device) -> LoadedModel:
+    from ..checkpoints.load import load_model
+    from ..device import prepare_for_sampling
+
     loaded = load_model(path, device)
     if loaded.cfg.task != "denoiser":
         raise UserError(f"{path} is a {loaded.cfg.task} checkpoint; --checkpoint needs a denoiser")
@@ -165,12 +178,21 @@ def load_denoiser(path: str, device: torch.device) -> LoadedModel:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
+    prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
     feature_list = features()
     args = build_parser(feature_list).parse_args(argv)
     apply_trust(args)
     check_args(args)
     out = Path(args.out)
     check_out(out, args.overwrite)
+    if not Path(args.checkpoint).exists():  # before the slow imports (load_model would say the same)
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    set_cpu_threads()
+    from ..device import pick_device
+    from ..sampling.images import save_grid, save_png
+    from ..memory import check_sampling_memory
+    from ..sampling.plan import run_plan
+
     loaded = load_denoiser(args.checkpoint, pick_device(args.device))
     settings = sampler_settings(args, loaded)
     resolution = loaded.cfg.data.resolution

@@ -32,7 +32,7 @@ def _build_split(cfg: DataConfig, split: str) -> torch.utils.data.Dataset:
     if cfg.name == "cifar10":
         return Cifar10(cfg.root, cfg.resolution, split, cfg.hflip, cfg.download)
     if cfg.name == "celeba":
-        return CelebA(cfg.root, cfg.resolution, split, cfg.hflip, cfg.celeba_attributes)
+        return CelebA(cfg.root, cfg.resolution, split, cfg.hflip, cfg.celeba_attributes, cfg.celeba_captions, cfg.cache)
     if cfg.name == "imagefolder":
         return ImageFolder(cfg.root, cfg.resolution, split, cfg.hflip)
     raise ValueError(f"unknown dataset {cfg.name}")

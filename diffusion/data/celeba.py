@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision import transforms
 
@@ -96,7 +97,7 @@ class CelebA(torch.utils.data.Dataset):
     """Class label = the chosen attributes read as bits (first attribute = lowest bit)."""
 
     def __init__(self, root: str, resolution: int, split: str = "train", hflip: bool = False,
-                 attributes: list[str] | None = None):
+                 attributes: list[str] | None = None, captions: str = "all", cache: bool = False):
         if split not in SPLITS:
             raise UserError(f"celeba has splits {', '.join(SPLITS)}, not '{split}'")
         images, attr_path, part_path = _find_layout(Path(root))
@@ -117,13 +118,14 @@ class CelebA(torch.utils.data.Dataset):
             ",".join(f"{a}={bool(i >> b & 1)}" for b, a in enumerate(self.attributes)) or "face"
             for i in range(self.num_classes)
         )
+        self.captions = captions  # "all" | "class" (config.CHOICES checks it)
         self.hflip = hflip  # drawn per item (items.random_hflip), after the crop and resize as before
-        self.transform = transforms.Compose([
+        self.resize = transforms.Compose([
             transforms.CenterCrop(178),
             transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5] * 3, [0.5] * 3),
         ])
+        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -131,12 +133,25 @@ class CelebA(torch.utils.data.Dataset):
     def attribute_dict(self, index: int) -> dict[str, bool]:
         return {n: v > 0 for n, v in zip(self.attr_names, self.table[self.files[index]])}
 
+    def image(self, index: int) -> torch.Tensor:
+        """Image `index` cropped, resized and in [-1, 1]; decoded once when the cache is on (the
+        decode and resize of a 178x218 JPEG costs more than a small model's step on a CPU)."""
+        if self.cache is None:
+            return self.to_tensor(self.resize(load_rgb(self.images / self.files[index])))
+        if index not in self.cache:
+            self.cache[index] = np.array(self.resize(load_rgb(self.images / self.files[index])))
+        return self.to_tensor(self.cache[index])
+
     def item(self, index: int, rng: ItemRandom) -> dict:
         """Item `index`, its flip drawn from `rng`."""
         attrs = self.attribute_dict(index)
         label = sum(1 << b for b, a in enumerate(self.attributes) if attrs[a])
-        image = random_hflip(self.transform(load_rgb(self.images / self.files[index])), self.hflip, rng)
-        return sample_dict(image, label, attribute_caption(attrs))
+        if self.captions == "class":  # only the attributes that make the class: "a photo of a smiling man"
+            attrs = {a: attrs[a] for a in self.attributes}
+            caption = "a photo of " + attribute_caption(attrs)
+        else:
+            caption = attribute_caption(attrs)
+        return sample_dict(random_hflip(self.image(index), self.hflip, rng), label, caption)
 
     def __getitem__(self, index: int) -> dict:
         return self.item(index, ItemRandom.of(0, 0, index))

@@ -17,7 +17,10 @@ import os
 import sys
 import traceback
 
+from ..threads import prefer_passive_waits, set_cpu_threads
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
 
 from ..cli.args import Parser, add_trust_argument, apply_trust  # noqa: E402
 from . import backend as B  # noqa: E402
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = build_parser().parse_args(argv)
         apply_trust(args)
+        set_cpu_threads()
         import_gradio()
         models = B.load_models(B.DemoPaths(args.checkpoint, args.inpaint_checkpoint, args.upsampler, args.classifier,
                                            args.clip, args.device))

@@ -2,8 +2,8 @@
 
 Sample i of a run uses its own generator seeded with `seed + i` for both its starting noise and every
 later noise draw, so any sample can be regenerated alone, in any batch. One step is, in order:
-model function -> x0 clipped or thresholded -> guidance terms -> sampler update -> post-step hooks
-(see `guidance.py`). Guidance terms and hooks are passed in, so features never edit the loop.
+model function -> guidance terms -> x0 clipped or thresholded -> constraints -> sampler update ->
+post-step hooks (see `guidance.py`). Guidance terms and hooks are passed in, so features never edit the loop.
 """
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ def seeded_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.dev
 
 @dataclass
 class Guidance:
-    """Everything a step applies around the model: x0 processing, guidance terms, post-step hooks."""
+    """Everything a step applies around the model, in this order: guidance terms, x0 processing,
+    constraints (terms that must hold exactly, e.g. an upsampler's low-res consistency), post-step hooks."""
 
     x0: X0Processor | None = clip_x0
     terms: Sequence[GuidanceTerm] = ()
+    constraints: Sequence[GuidanceTerm] = ()
     hooks: Sequence[PostStep] = ()
 
 
@@ -57,9 +59,12 @@ class Trajectory:
     def step(self, model_fn: ModelFn, x: torch.Tensor, step: Step) -> torch.Tensor:
         """x_t -> x_{t_next}."""
         info = self.info(x, step)
-        eps = process_x0(model_fn(x, info), info, self.guidance.x0)
+        eps = model_fn(x, info)
         for term in self.guidance.terms:
             eps = term(eps, info)
+        eps = process_x0(eps, info, self.guidance.x0)  # the guided x0 is a clean image too: keep it in range
+        for constraint in self.guidance.constraints:
+            eps = constraint(eps, info)
         x0 = epsilon_to_x0(eps, info.x, info.alpha_bar)
         x = self.sampler.update(x, x0, eps, step, info.alpha_bar, info.alpha_bar_next, self.generators)
         for hook in self.guidance.hooks:

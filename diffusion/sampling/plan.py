@@ -112,9 +112,9 @@ def run_plan(loaded: LoadedModel, plan: SamplingPlan, settings: SamplerSettings,
         uncond = _stack([it.uncond if it.uncond is not None else model.null_condition(it.cond) for it in items], device)
         model_fn = ClassifierFreeGuidance(model, cond, uncond, settings.guidance_scale, plan.cfg,
                                           autocast_dtype(device, settings.precision))
-        terms = [within_interval(make(items), plan.cfg.interval) for make in plan.terms]
-        terms += [make(items) for make in plan.constraints]
-        guidance = Guidance(x0=plan.cfg.x0_processor(), terms=terms,
+        guidance = Guidance(x0=plan.cfg.x0_processor(),
+                            terms=[within_interval(make(items), plan.cfg.interval) for make in plan.terms],
+                            constraints=[make(items) for make in plan.constraints],
                             hooks=[make(items) for make in plan.hooks])
         trajectory = Trajectory(schedule, build_sampler(schedule, settings.sampler, settings.steps), generators, guidance)
         images = plan.loop(model_fn, trajectory, noise, advance).float().clamp(-1, 1)

@@ -6,7 +6,7 @@ is the only source of (t, t_next): guidance terms and in-painting hooks read it 
 can never disagree with the update. DDPM and DDIM are written out here (as in guided-diffusion and
 EDM); DPM-Solver++ (2M) is diffusers' multistep solver, fed the same timesteps and our x0.
 
-The update never clips: x0 arrives already clipped or thresholded, and guided (see `loop.py`).
+The update never clips: x0 arrives guided, then clipped or thresholded (see `loop.py`).
 """
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from ..choices import SAMPLERS
 from ..errors import UserError
 from .schedule import CLEAN, NoiseSchedule
-
-SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
 
 @dataclass(frozen=True)

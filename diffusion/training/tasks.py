@@ -87,7 +87,9 @@ class DenoiserTask:
         from ..pipeline import write_model_index
 
         core.unet.save_pretrained(out_dir / "unet")
-        self.scheduler.save_pretrained(out_dir / "scheduler")
+        # the training schedule; "trailing" spacing, the timesteps every sampler here visits, for diffusers loops
+        type(self.scheduler).from_config(self.scheduler.config, timestep_spacing="trailing").save_pretrained(
+            out_dir / "scheduler")
         text = getattr(core, "text_encoder", None) is not None
         if text:
             core.text_encoder.save_pretrained(out_dir / "text_encoder")

@@ -29,6 +29,7 @@ from ..device import compile_model, use_fast_cuda_math
 from ..errors import Diverged, Interrupted, UserError, first_line, one_line
 from ..memory import check_training_memory
 from ..signals import blocked_stop_signals
+from ..threads import cpu_threads_note
 from .batches import training_augment, training_collate
 from .guard import LossGuard
 from .logger import MetricLogger
@@ -209,6 +210,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / ckpt.CONFIG_FILE)
+        acc.print(f"training on {acc.device}" + (f" with {cpu_threads_note()}" if acc.device.type == "cpu" else ""))
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")

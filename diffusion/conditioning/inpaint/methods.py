@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from ...choices import INPAINT_METHODS as METHODS
 from ...config import Config
 from ...errors import UserError
 from ...models.denoiser import INPAINT_CHANNELS
@@ -23,8 +24,6 @@ from ...sampling.guidance import ModelFn, StepInfo
 from ...sampling.loop import Loop, PostStep, Progress, Trajectory
 from ...sampling.plan import KnownPixels, SampleItem, SamplerSettings, SamplingPlan, run_plan
 from ...sampling.samplers import noise_from
-
-METHODS = ("channels", "replace", "repaint")
 
 
 # -- GLIDE's channels ---------------------------------------------------------------------------
