@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .config_checks import CHOICES, validate  # noqa: F401 - part of this module's interface
+from .errors import UserError, preview
 
 
 # YAML as people write configs: `1e-4` is a float and only true/false are booleans (YAML 1.2's core
@@ -29,7 +29,20 @@ _REPLACED_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """yaml.SafeLoader with YAML 1.2 core-schema booleans, integers and floats, and no timestamps."""
+    """yaml.SafeLoader with YAML 1.2 core-schema booleans, integers and floats, no timestamps, and no
+    duplicate keys (PyYAML keeps the last silently, so `lr` written twice would hide the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen = set()
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {preview(key)} appears twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 ConfigLoader.yaml_implicit_resolvers = {
@@ -47,12 +60,50 @@ for _cls in (ConfigLoader, ConfigDumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
     _cls.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
-ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+def _construct_int(loader: ConfigLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if len(text) > 30:  # Python refuses to parse over 4300 digits; no config value needs 30
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text)} digits is no config value",
+                                                node.start_mark)
+    return int(text)
 
 
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text with ConfigLoader (raises yaml.YAMLError)."""
-    return yaml.load(text, Loader=ConfigLoader)
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+MAX_YAML_CHARS = 1 << 20  # a config is a few kilobytes
+MAX_YAML_VALUES = 100_000  # values (keys and list items included) once aliases are expanded
+
+
+def expanded_size(data: Any, budget: int) -> int:
+    """How many values `data` holds with every shared (aliased) object counted each time it appears;
+    stops counting past `budget`. An alias bomb (`b: [*a, *a, ...]` nested 10 deep) loads as a small
+    graph but is billions of values to anything that walks or prints it."""
+    count, stack = 0, [data]
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
+def parse_yaml(text: str, what: str = "the YAML value") -> Any:
+    """Parse YAML text with ConfigLoader (raises yaml.YAMLError), refusing (UserError naming `what`)
+    text over MAX_YAML_CHARS, nesting deeper than Python's recursion limit and alias bombs."""
+    if len(text) > MAX_YAML_CHARS:
+        raise UserError(f"{what} is {len(text)} characters long; a config is at most {MAX_YAML_CHARS}")
+    try:
+        data = yaml.load(text, Loader=ConfigLoader)
+    except RecursionError:
+        raise UserError(f"{what} is nested too deeply to be a config") from None
+    if expanded_size(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise UserError(f"{what} holds more than {MAX_YAML_VALUES} values once its aliases (*name) are expanded; "
+                        "a config never needs that many (is it an alias bomb?)")
+    return data
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -61,7 +112,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = parse_yaml(path.read_bytes().decode("utf-8"))
+        data = parse_yaml(path.read_bytes().decode("utf-8"), f"config file {path}")
     except OSError as err:
         raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
     except UnicodeDecodeError:
@@ -166,6 +217,7 @@ class TrainConfig:
     channels_last: bool = True
     allow_tf32: bool = True
     caption_word_drop: float = 0.0  # CLIP task: drop each caption word (not the first) with this probability
+    loss_spike: float = 3.0  # stop when a logged loss exceeds this many times the lowest so far (0 = off)
 
 
 @dataclass
@@ -236,22 +288,6 @@ class Config:
     upsample: UpsampleConfig = field(default_factory=UpsampleConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("denoiser", "classifier", "clip"),
-    "data.name": ("shapes", "cifar10", "celeba", "imagefolder"),
-    "data.celeba_captions": ("all", "class"),
-    "model.condition": ("none", "class", "text"),
-    "model.pool": ("attention", "mean"),
-    "diffusion.beta_schedule": ("linear", "cosine"),
-    "diffusion.prediction_type": ("epsilon", "v_prediction"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "train.compile_backend": ("inductor", "aot_eager", "eager"),
-    "sample.sampler": ("ddpm", "ddim", "dpmsolver"),
-    "upsample.downsample": ("area", "bicubic", "bilinear"),
-    "upsample.upsample": ("bilinear", "bicubic", "nearest"),
-}
-
-
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted key of a config dataclass, for error messages."""
     keys = []
@@ -264,11 +300,11 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, cls: type, prefix: str) -> UserError:
+def _unknown_key(key: Any, cls: type, prefix: str) -> UserError:
     valid = all_keys(cls, prefix)
-    near = difflib.get_close_matches(prefix + key, valid, n=3, cutoff=0.5)
+    near = difflib.get_close_matches(prefix + str(key)[:100], valid, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(near)}?" if near else f"valid keys: {', '.join(valid)}"
-    return UserError(f"unknown config key '{prefix}{key}': {hint}")
+    return UserError(f"unknown config key {preview(prefix + str(key))}: {hint}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -290,14 +326,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' expects a list, got {value!r}")
+            raise UserError(f"config key '{key}' expects a list, got {preview(value)}")
         return [_coerce(v, item, key) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             also = " (write true or false)" if hint is bool else ""
-            raise UserError(f"config key '{key}' expects {hint.__name__}{also}, got {value!r}")
+            raise UserError(f"config key '{key}' expects {hint.__name__}{also}, got {preview(value)}")
         return value
     raise UserError(f"config key '{key}' has unsupported type {hint}")
 
@@ -314,7 +350,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise _unknown_key(key, cls, prefix)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, f"{prefix}{key}.")
+            kwargs[key] = from_dict(hint, {} if value is None else value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, prefix + key)
     return cls(**kwargs)
@@ -343,15 +379,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     a value YAML reads as a number or boolean as written (`data.root=1e3` is "1e3")."""
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"override '{item}' is not of the form dotted.key=value")
+            raise UserError(f"override {preview(item)} is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
         hint = _hint(key)
         try:
-            value = parse_yaml(raw) if raw != "" else ""
+            value = parse_yaml(raw, f"the value of override {preview(key)}") if raw != "" else ""
         except yaml.YAMLError as err:
             if not _is_text(hint):
                 problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-                raise UserError(f"override '{item}': the value is not valid YAML ({problem})") from None
+                raise UserError(f"override {preview(item)}: the value is not valid YAML ({problem})") from None
             value = raw
         if _is_text(hint) and not isinstance(value, (str, list, dict)) and not (value is None and hint is not str):
             value = raw  # a number, date or boolean in YAML, text here
@@ -362,78 +398,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
-                raise UserError(f"override '{key}': '{part}' is not a config section")
+                raise UserError(f"override {preview(key)}: {preview(part)} is not a config section")
         node[parts[-1]] = value
     return data
-
-
-def _value(cfg: Config, key: str) -> Any:
-    value: Any = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= low), f">= {low:g}"
-
-
-_FRACTION = (lambda v: 0.0 <= v < 1.0), "in [0, 1)"
-_POSITIVE = (lambda v: v > 0), "> 0"
-# Numeric limits checked before anything is built: a bad value fails in one line, not deep in a run.
-LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{key: _at_least(1) for key in (
-        "train.max_steps", "train.batch_size", "train.grad_accum", "train.log_every", "train.checkpoint_every",
-        "data.resolution", "data.shapes_size", "model.base_channels", "model.layers_per_block",
-        "model.attention_head_dim", "diffusion.num_train_timesteps", "sample.steps", "sample.num_samples")},
-    **{key: _at_least(0) for key in (
-        "data.num_workers", "train.warmup_steps", "train.sample_every", "train.keep_checkpoints",
-        "train.weight_decay", "train.grad_clip", "model.num_classes", "sample.guidance_scale")},
-    **{key: _FRACTION for key in ("model.cond_drop_prob", "train.caption_word_drop", "train.ema_decay", "model.dropout")},
-    **{key: _POSITIVE for key in ("train.lr", "train.ema_power")},
-}
-
-
-def validate(cfg: Config) -> Config:
-    """Refuse values no run can use, in one line naming the key."""
-    for key, options in CHOICES.items():
-        value = _value(cfg, key)
-        if value not in options:
-            raise UserError(f"config key '{key}' must be one of {', '.join(options)}; got {value!r}")
-    for key in all_keys():
-        values = _value(cfg, key)
-        for value in values if isinstance(values, list) else [values]:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"config key '{key}' must be a finite number; got {value}")
-    for key, (ok, wanted) in LIMITS.items():
-        if not ok(_value(cfg, key)):
-            raise UserError(f"config key '{key}' must be {wanted}; got {_value(cfg, key)!r}")
-    mult = cfg.model.channel_mult
-    if not mult or min(mult) < 1:
-        raise UserError(f"config key 'model.channel_mult' must list one positive multiplier per resolution level "
-                        f"(e.g. [1, 2, 2]); got {mult}")
-    res = cfg.data.resolution
-    if res % (2 ** (len(mult) - 1)):
-        raise UserError(
-            f"data.resolution={res} is not divisible by 2^{len(mult) - 1} "
-            "(one halving per extra model.channel_mult level)"
-        )
-    if cfg.model.upsample:
-        check_upsample(cfg)
-    return cfg
-
-
-def check_upsample(cfg: Config) -> None:
-    """Refuse upsampler settings that cannot work (one line each)."""
-    up = cfg.upsample
-    if cfg.model.inpaint:
-        raise UserError("model.inpaint and model.upsample cannot both be on: train an in-painting model or an upsampler")
-    if up.factor < 2 or cfg.data.resolution % up.factor:
-        raise UserError(f"upsample.factor must be >= 2 and divide data.resolution={cfg.data.resolution}; got {up.factor}")
-    if len(up.aug_noise) != 2 or not 0.0 <= up.aug_noise[0] <= up.aug_noise[1] <= 1.0:
-        raise UserError(f"upsample.aug_noise must be [low, high] with 0 <= low <= high <= 1; got {up.aug_noise}")
-    if not 0.0 <= up.aug_level <= 1.0:
-        raise UserError(f"upsample.aug_level must be in [0, 1]; got {up.aug_level}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

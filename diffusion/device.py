@@ -6,12 +6,25 @@ import warnings
 import torch
 
 from .choices import PRECISIONS  # noqa: F401  (re-exported)
-from .errors import UserError
+from .errors import UserError, preview
 
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:
-    """The named device, else CUDA when available, else CPU."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The named device (--device), else CUDA when available, else CPU; a device this machine does not
+    have is refused in one line."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {preview(str(name))} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: use cpu, cuda or cuda:N")
+    return device
 
 
 def use_fast_cuda_math(device: torch.device, allow_tf32: bool = True) -> None:

@@ -33,6 +33,13 @@ class Diverged(Exception):
     exit_status = 3
 
 
+def preview(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters, for echoing a user's value inside a one-line error (a
+    value may be megabytes long, or hold a newline)."""
+    text = repr(value) if not isinstance(value, str) or len(value) <= 4 * limit else repr(value[: 4 * limit])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """An exception's message cut to its first line (the exception's name if it has none), for
     quoting a library's error inside a one-line UserError. For torch.load(weights_only=True), whose
@@ -45,6 +52,21 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return (text.splitlines() or [type(err).__name__])[0][:limit]
 
 
+MESSAGE_LIMIT = 2000  # characters of an error line; a longer one is cut
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a UserError (or Diverged) as the one line the command prints. A UserError raised
+    in a data-loader worker reaches the main process re-raised by torch with the worker's traceback
+    in its message: its last line is the original message."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(f"{type(err).__name__}: ", 1)[-1]
+    text = " ".join(text.split("\n"))
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+
+
 def exit_on_user_error(main: F) -> F:
     """Wrap a CLI entry point: a UserError prints one line and exits with status 2; an Interrupted run
     exits with its status (it has said what it saved); a second Ctrl-C exits 130 in one line."""
@@ -54,12 +76,14 @@ def exit_on_user_error(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             raise SystemExit(2) from None
-        except Interrupted as err:
+        except Interrupted as err:  # saved: a further Ctrl-C while the interpreter exits changes nothing
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             raise SystemExit(err.exit_status) from None
         except Diverged as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             raise SystemExit(Diverged.exit_status) from None
         except KeyboardInterrupt:
             print("interrupted: stopped at once, without saving", file=sys.stderr)

@@ -59,13 +59,17 @@ def run_cli(main, argv: list[str], capsys) -> tuple[int, list[str]]:
 
 
 def resume(out: Path, capsys, *extra: str) -> tuple[int, list[str]]:
-    return run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}", "train.max_steps=2",
-                                    *extra, "--resume", "auto"], capsys)
+    status_lines = run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}",
+                                            "train.max_steps=2", *extra, "--resume", "auto"], capsys)
+    ckpt.trust_checkpoints(False)
+    return status_lines
 
 
-def sample(checkpoint: Path, capsys) -> tuple[int, list[str]]:
-    return run_cli(sample_cli.main, ["--checkpoint", str(checkpoint), "--out", str(checkpoint.parent / "samples"),
-                                     "--num-samples", "1", "--steps", "2"], capsys)
+def sample(checkpoint: Path, capsys, *extra: str) -> tuple[int, list[str]]:
+    status_lines = run_cli(sample_cli.main, ["--checkpoint", str(checkpoint), "--out", str(checkpoint.parent / "samples"),
+                                             "--num-samples", "1", "--steps", "2", "--overwrite", *extra], capsys)
+    ckpt.trust_checkpoints(False)  # --trust-checkpoint lasts for the process: end it with the command
+    return status_lines
 
 
 def evaluate_load(checkpoint: Path, capsys) -> tuple[int, list[str]]:
@@ -82,7 +86,7 @@ READ = {
     ckpt.EMA_FILE: (True, True),
     ckpt.EMA_STATE_FILE: (True, False),
     ckpt.INFO_FILE: (True, True),
-    ckpt.CONFIG_FILE: (False, True),
+    ckpt.CONFIG_FILE: (True, True),  # resume compares its settings with the run's
 }
 
 
@@ -121,18 +125,54 @@ def test_a_flipped_byte_is_refused_by_sample_and_resume(run, tmp_path, capsys):
             assert f"is damaged: sha256 mismatch in {name}" in lines[0] and "earlier checkpoint" in lines[0], lines
 
 
-def test_checkpoints_without_digests_still_load(run, tmp_path, capsys):
-    out = copy_run(run, tmp_path / "old")
+@pytest.fixture
+def trusted():
+    """--trust-checkpoint for one test."""
+    ckpt.trust_checkpoints(True)
+    yield
+    ckpt.trust_checkpoints(False)
+
+
+def strip_digests(checkpoint: Path, keep: int = 0) -> None:
+    """info.json as an older version wrote it (no digests), or with only `keep` of them."""
+    info = json.loads((checkpoint / ckpt.INFO_FILE).read_text())
+    info[ckpt.DIGESTS] = dict(list(info[ckpt.DIGESTS].items())[:keep])
+    (checkpoint / ckpt.INFO_FILE).write_text(json.dumps(info))
+
+
+def test_checkpoints_without_all_digests_are_refused_unless_trusted(run, tmp_path, capsys):
+    """Fail closed: with its digest list emptied (or cut to one file), edited weights would pass; such a
+    checkpoint is refused by sample, evaluate and resume unless --trust-checkpoint is given."""
+    for keep in (0, 1):
+        out = copy_run(run, tmp_path / f"old{keep}")
+        strip_digests(out / STEP, keep)
+        for status, lines in (sample(out / STEP, capsys), evaluate_load(out / STEP, capsys), resume(out, capsys)):
+            assert status == 2 and len(lines) == 1, lines
+            assert "records no sha256" in lines[0] and "--trust-checkpoint" in lines[0], lines
+        assert sample(out / STEP, capsys, "--trust-checkpoint")[0] == 0
+        assert resume(out, capsys, "train.max_steps=3", "--trust-checkpoint")[0] == 0
+
+
+def test_sampling_checks_config_yaml_and_info_json_fields(run, tmp_path, capsys):
+    """An edited prediction_type in config.yaml is caught by sampling as by resume; info.json's step
+    is checked against the folder's name and ema.json's counter."""
+    out = copy_run(run, tmp_path / "edited")
+    config = out / STEP / ckpt.CONFIG_FILE
+    config.write_text(config.read_text().replace("prediction_type: v_prediction", "prediction_type: epsilon"))
+    for status, lines in (sample(out / STEP, capsys), resume(out, capsys)):
+        assert status == 2 and "sha256 mismatch in config.yaml" in lines[0], lines
+    out = copy_run(run, tmp_path / "step")
     info = json.loads((out / STEP / ckpt.INFO_FILE).read_text())
-    del info[ckpt.DIGESTS]
+    info["step"] = 90
     (out / STEP / ckpt.INFO_FILE).write_text(json.dumps(info))
-    assert load_model(out / STEP).info.step == 2
-    assert resume(out, capsys, "train.max_steps=3")[0] == 0
+    for status, lines in (sample(out / STEP, capsys), resume(out, capsys)):
+        assert status == 2 and len(lines) == 1 and "says step 90 but the checkpoint is step-000002" in lines[0], lines
 
 
 def test_missing_random_states_warn_and_unreadable_ones_refuse(run, tmp_path, capsys):
     out = copy_run(run, tmp_path / "missing")
-    (out / STEP / "accelerate/random_states_0.pkl").unlink()
+    (out / STEP / "accelerate/random_states_0.pkl").unlink()  # as from a run of fewer processes: never saved,
+    restamp(out / STEP)  # so not listed (a listed file that is missing is refused as damage)
     status, lines = resume(out, capsys, "train.max_steps=3")
     assert status == 0 and [line for line in lines if "random_states_0.pkl is missing" in line and "not match" in line]
     out = copy_run(run, tmp_path / "foreign")
@@ -153,9 +193,10 @@ def test_ema_state_is_saved_without_pickles_and_restored_exactly(run, tmp_path):
     trainer.release_run()
 
 
-def test_a_checkpoint_of_the_older_layout_resumes_without_reading_its_ema_pickle(run, tmp_path):
+def test_a_checkpoint_of_the_older_layout_resumes_without_reading_its_ema_pickle(run, tmp_path, trusted):
     """Older checkpoints kept the EMA as accelerate's custom_checkpoint_0.pkl and had no ema.json or
-    digests: they resume from ema.safetensors (the EMA steps once per optimizer step), pickle unread."""
+    digests: trusted (--trust-checkpoint), they resume from ema.safetensors (the EMA steps once per
+    optimizer step), pickle unread."""
     out = copy_run(run, tmp_path / "old")
     marker = tmp_path / "MARKER"
     torch.save(Payload(marker), out / STEP / "accelerate/custom_checkpoint_0.pkl")
@@ -195,7 +236,7 @@ def test_crash_residue_is_cleaned_at_start(run, tmp_path):
     (out / ".tmp-final").mkdir()
     shutil.copytree(out / "final", out / ".old-final")  # a kill between the two renames of an export...
     shutil.rmtree(out / "final")
-    Trainer(tiny_config(out, "train.max_steps=2"), log=False).release_run()
+    Trainer(tiny_config(out, "train.max_steps=2"), resume="auto", log=False).release_run()
     assert not list(out.rglob(".tmp-*")) and not list(out.rglob(".old-*"))
     assert ckpt.is_checkpoint(out / "final")  # ...puts the old export back
 
@@ -232,3 +273,31 @@ def test_read_weights_refuses_damage_in_one_line(run, tmp_path):
     (out / "final" / ckpt.EMA_FILE).write_bytes(bytes(data))
     with pytest.raises(UserError, match="sha256 mismatch"):
         ckpt.read_weights(out / "final")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_second_run_in_a_finished_runs_folder_is_refused_and_changes_nothing(run, tmp_path, capsys):
+    out = copy_run(run, tmp_path / "finished")
+    before = tree(out)
+    for extra in (["train.max_steps=2"], ["train.max_steps=4"]):
+        status, lines = run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}", *extra], capsys)
+        assert status == 2 and len(lines) == 1 and "already holds a run (checkpoints up to step 2, final/" in lines[0], lines
+        assert "--resume auto" in lines[0] and "--overwrite" in lines[0]
+    assert tree(out) == before
+    status, lines = run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}", "--overwrite",
+                                             "--resume", "auto"], capsys)
+    assert status == 2 and "give one of them" in lines[0], lines
+
+
+def test_overwrite_moves_the_old_run_aside_whole(run, tmp_path, capsys):
+    out = copy_run(run, tmp_path / "again")
+    before = tree(out)
+    status, _ = run_cli(train_cli.main, [str(ROOT / "configs/shapes.yaml"), *TINY, f"output_dir={out}",
+                                         "train.max_steps=1", "--overwrite"], capsys)
+    assert status == 0
+    assert tree(tmp_path / "again.previous-1") == before  # every file of the old run, unchanged
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000001"]  # the new run alone
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2

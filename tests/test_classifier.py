@@ -179,6 +179,7 @@ def edited_copy(run: Path, dest: Path, **changes) -> Path:
         section, name = key.split("__")
         data[section][name] = value
     (dest / "config.yaml").write_text(yaml.safe_dump(data))
+    ckpt.write_info(dest, ckpt.read_info(dest))  # its digests too, as a run trained so would have them
     return dest
 
 

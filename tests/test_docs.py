@@ -171,12 +171,16 @@ def target(argv: list[str]) -> tuple[str, list[str]] | None:
 
 def parse_or_fail(parser: argparse.ArgumentParser, argv: list[str], intermixed: bool = False, known: bool = False):
     """Parse like the command line does; an argparse error fails the test with argparse's message."""
+    from diffusion.errors import UserError
+
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             if intermixed:
                 return parser.parse_intermixed_args(argv)
             return parser.parse_known_args(argv) if known else parser.parse_args(argv)
+    except UserError as error:  # our parsers' errors (diffusion.cli.args.Parser)
+        pytest.fail(str(error))
     except SystemExit:
         pytest.fail(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "argparse exited")
 

@@ -250,8 +250,13 @@ def test_end_to_end_base_to_inpaint_finetune_to_sample(tiny_run, tmp_path, capsy
         assert np.array_equal(np.asarray(result)[keep], expected[keep])  # known pixels are the input's, exactly
         assert (out / f"strip_{i:04d}.png").is_file()
     with pytest.raises(SystemExit):
-        sample_main(["--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--out", str(out)])
+        sample_main(["--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--out", str(out), "--overwrite"])
     assert "--mask" in capsys.readouterr().err
+    Image.fromarray(white[:, :8], mode="L").save(tmp_path / "half.png")  # a mask of another size than the image
+    with pytest.raises(SystemExit):
+        sample_main(["--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "half.png"),
+                     "--class-label", "3", "--out", str(out), "--overwrite"])
+    assert "half.png is 8x12 but --image" in capsys.readouterr().err
 
 
 def test_caption_model_inpaints_with_a_prompt_and_cfg(tmp_path):

@@ -1,10 +1,8 @@
 """Training loop: checkpoints, resume, plain-diffusers export, atomic writes, SIGTERM."""
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -135,21 +133,6 @@ def test_half_written_checkpoint_is_ignored(tiny_run, tmp_path):
     (run / "checkpoints" / "step-000008").mkdir()  # no info.json: never completed
     assert ckpt.list_checkpoints(run) == []
     assert ckpt.resolve_checkpoint(tiny_run).name == "step-000004"
-
-
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
-    args = [sys.executable, "train.py", "configs/shapes.yaml", *TINY, f"output_dir={tmp_path}",
-            "train.max_steps=100000", "train.checkpoint_every=100000"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 90
-    while not (tmp_path / "metrics.csv").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=90)
-    assert proc.returncode == 128 + signal.SIGTERM, out  # not 0: a scheduler must not take it for a finished run
-    assert "interrupted by SIGTERM at step" in out and "run saved" not in out
-    info = json.loads((ckpt.list_checkpoints(tmp_path)[-1] / ckpt.INFO_FILE).read_text())
-    assert info["step"] >= 1
 
 
 def test_sigterm_during_a_checkpoint_write_still_stops_with_the_interrupted_line(tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, preview
 from ..io import atomic_write_text
 from . import store
 
@@ -54,8 +54,12 @@ def load_ema_state(directory: Path, ema: EMAModel, model: torch.nn.Module, step:
     if wrong:
         raise UserError(f"cannot resume from {directory}: {store.EMA_FILE} has {wrong[0]} of shape "
                         f"{tuple(weights[wrong[0]].shape)}, not this model's; resume with the run's own config")
+    scalars = read_ema_scalars(directory, step)
+    if scalars.get("optimization_step", step) != step:
+        raise UserError(f"cannot resume from {directory}: {store.INFO_FILE} says step {step} but {store.EMA_STATE_FILE} "
+                        f"counted {preview(scalars['optimization_step'])} EMA updates; one of them was edited")
     try:
-        ema.load_state_dict({**read_ema_scalars(directory, step), "shadow_params": shadows})
+        ema.load_state_dict({**scalars, "shadow_params": shadows})
     except ValueError as err:
         raise UserError(f"cannot resume from {directory}: {store.EMA_STATE_FILE}: {first_line(err)}") from None
     ema.to(device)

@@ -15,6 +15,7 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from . import store as ckpt
+from .settings import differences
 
 INPUT_CONV = "unet.conv_in.weight"
 NEW_MODULES = ("level_embedding.",)  # parameters a base may lack; they keep their (zero-output) init
@@ -24,15 +25,9 @@ MUST_MATCH = ("data.resolution", "diffusion.num_train_timesteps", "diffusion.bet
               "diffusion.prediction_type", "model.condition")
 
 
-def _get(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
 def check_settings(base: Config, cfg: Config, path: str | Path) -> None:
     """Refuse a base trained with another resolution, noise schedule, parameterisation or condition."""
-    differ = [f"{key}={_get(base, key)!r} there but {_get(cfg, key)!r} here" for key in MUST_MATCH
-              if _get(base, key) != _get(cfg, key)]
+    differ = differences(base, cfg, MUST_MATCH)
     if differ:
         raise UserError(f"init_from {path}: the base run was trained with other settings: {'; '.join(differ)}. "
                         "Set them to the base run's values")

@@ -51,13 +51,27 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def list_checkpoints(run_dir: str | Path, complete: bool = True) -> list[Path]:
+    """Complete checkpoints of a run (with info.json; all `step-N` folders if not `complete`), oldest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / INFO_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and p.is_dir() and (not complete or (p / INFO_FILE).is_file())]
     return [p for _, p in sorted(found)]
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run, for --resume auto and sampling a run folder. A newer `step-N`
+    without info.json (a save never leaves one: it was damaged or copied in part) is refused in one
+    line rather than skipped: falling back to an older checkpoint without a word would lose steps."""
+    every = list_checkpoints(run_dir, complete=False)
+    if every and not (every[-1] / INFO_FILE).is_file():
+        complete = list_checkpoints(run_dir)
+        older = f"pass an older one explicitly (the newest complete one is {complete[-1]})" if complete else "no older one is complete"
+        raise UserError(f"the newest checkpoint {every[-1]} has no {INFO_FILE} (damaged, or copied in part); "
+                        f"{older}, or move it away")
+    return every[-1] if every else None
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -71,9 +85,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"checkpoint not found: {path}")
     if is_checkpoint(path):
         return path
-    checkpoints = list_checkpoints(path)
-    if checkpoints:
-        return checkpoints[-1]
+    newest = newest_checkpoint(path)
+    if newest is not None:
+        return newest
     if is_checkpoint(path / "final"):
         return path / "final"
     raise UserError(f"{path} is neither a checkpoint nor a run directory with checkpoints (looked for {CONFIG_FILE} and {EMA_FILE})")
@@ -108,12 +122,13 @@ def write_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
 
 def file_digests(path: Path) -> dict[str, str]:
     """sha256 of every file in the checkpoint folder `path` but info.json, by relative path."""
-    return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*"))
-            if p.is_file() and p != path / INFO_FILE}
+    return {name: sha256_file(path / name) for name in file_digests_names(path)}
 
 
 def write_info(path: Path, state: TrainState, digests: dict[str, str] | None = None) -> None:
-    atomic_write_text(path / INFO_FILE, json.dumps({**state.__dict__, DIGESTS: digests or {}}, indent=2))
+    """info.json: `state` and the sha256 of every other file (`digests`, computed here if not given)."""
+    digests = file_digests(path) if digests is None else digests
+    atomic_write_text(path / INFO_FILE, json.dumps({**state.__dict__, DIGESTS: digests}, indent=2))
 
 
 def _read_info_json(path: Path) -> dict[str, Any]:
@@ -126,34 +141,88 @@ def _read_info_json(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path / INFO_FILE}: {first_line(err)}") from None
 
 
+# Unverifiable checkpoints (no info.json, no or partial sha256 list) are refused unless the command
+# was given --trust-checkpoint, which sets this for the process (every loader below reads it).
+_trusted = False
+
+
+def trust_checkpoints(on: bool = True) -> None:
+    """--trust-checkpoint: load checkpoints whose files info.json does not (all) list. Files it lists
+    are still checked."""
+    global _trusted
+    _trusted = on
+
+
+TRUST_HINT = "pass --trust-checkpoint only if you trust where it came from"
+
+
 def read_info(path: Path) -> TrainState:
+    """info.json's training state, its fields checked against their kinds and against the folder name."""
+    if not (path / INFO_FILE).is_file() and _trusted:
+        return TrainState()
     data = _read_info_json(path)
     data.pop(DIGESTS, None)
     try:
-        return TrainState(**data)
+        state = TrainState(**data)
     except TypeError as err:
         raise UserError(f"cannot read {path / INFO_FILE}: {first_line(err)}") from None
+    counters = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch}
+    wrong = [k for k, v in counters.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if wrong or not isinstance(state.class_names, list) or not all(isinstance(n, str) for n in state.class_names):
+        what = f"'{wrong[0]}' is not a whole number >= 0" if wrong else "'class_names' is not a list of names"
+        raise UserError(f"cannot read {path / INFO_FILE}: {what}; the file was edited or damaged")
+    named = STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != state.step:
+        raise UserError(f"{path / INFO_FILE} says step {state.step} but the checkpoint is {path.name}: info.json was "
+                        "edited or moved; use an earlier checkpoint")
+    return state
 
 
 def verify_digests(path: Path, names: list[str] | None = None) -> None:
-    """Refuse a checkpoint whose files (`names`, default all) differ from the sha256 recorded when it
-    was saved: a flipped byte in weights would otherwise load and train or sample without complaint.
-    Checkpoints saved before digests were recorded, and files without one, are not checked."""
-    if not (path / INFO_FILE).is_file():  # e.g. weights copied without it: nothing recorded to check
-        return
+    """Refuse a checkpoint whose files (`names`: the ones the caller reads; default every file info.json
+    lists and every file of the checkpoint) differ from the sha256 recorded when it was saved: a flipped
+    byte in weights would otherwise load and train or sample without complaint. Fails closed: a file to
+    be read that info.json does not list, or a checkpoint with no info.json or no digests, is refused
+    too (unless --trust-checkpoint); a listed file that is missing always is."""
+    if not (path / INFO_FILE).is_file():
+        if _trusted:
+            return
+        raise UserError(f"checkpoint {path} has no {INFO_FILE}, so its files cannot be checked; use a checkpoint "
+                        f"train.py wrote, or {TRUST_HINT}")
     digests = _read_info_json(path).get(DIGESTS) or {}
-    if not isinstance(digests, dict):
-        raise UserError(f"cannot read {path / INFO_FILE}: its {DIGESTS} entry is not a mapping")
-    for name in names if names is not None else list(digests):
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise UserError(f"cannot read {path / INFO_FILE}: its {DIGESTS} entry is not a mapping of file to digest")
+    if not digests and not _trusted:
+        raise UserError(f"checkpoint {path} records no sha256 of its files (saved by an older version, or its "
+                        f"{INFO_FILE} was edited), so they cannot be checked; {TRUST_HINT}")
+    if names is None:
+        names = sorted({*digests, *file_digests_names(path)})
+    for name in names:
         expected = digests.get(name)
-        if expected is None or not (path / name).is_file():
-            continue
+        if not (path / name).is_file():
+            if expected is None and _trusted:
+                continue
+            raise UserError(f"checkpoint {path} is incomplete: {name} is missing; use an earlier checkpoint")
+        if expected is None:
+            if _trusted:
+                continue
+            raise UserError(f"checkpoint {path}: {INFO_FILE} records no sha256 for {name} (added, or its digest "
+                            f"removed, after the save); use an earlier checkpoint, or {TRUST_HINT}")
         if sha256_file(path / name) != expected:
             raise UserError(f"checkpoint {path} is damaged: sha256 mismatch in {name} (it changed after it was "
                             "saved); use an earlier checkpoint (RUN/checkpoints/step-N)")
 
 
-def read_config(path: Path) -> Config:
+def file_digests_names(path: Path) -> list[str]:
+    """The files `file_digests` would list: every file of the checkpoint folder but info.json."""
+    return [p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if p.is_file() and p != path / INFO_FILE]
+
+
+def read_config(path: Path, check: bool = True) -> Config:
+    """The checkpoint's config.yaml, after checking its sha256 (an edited prediction_type would
+    otherwise sample with the wrong parameterisation)."""
+    if check:
+        verify_digests(path, [CONFIG_FILE])
     return from_dict(Config, read_yaml(path / CONFIG_FILE))
 
 

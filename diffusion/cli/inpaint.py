@@ -59,8 +59,7 @@ class InpaintFeature:
             raise UserError("--image needs --mask MASK (white = region to generate, black = keep)")
         method = self.method(args, loaded)
         res = loaded.cfg.data.resolution
-        image = files.load_image(args.image, res)
-        keep = files.load_mask(args.mask, res, args.invert_mask)
+        image, keep = files.load_image_and_mask(args.image, args.mask, res, args.invert_mask)
         files.warn_coverage(keep)
         added = methods.inpaint_condition(loaded.cfg, image, keep, method)
         info = {"image": str(args.image), "mask": str(args.mask), "invert_mask": str(args.invert_mask),

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
+from ..errors import UserError, preview
 
 if TYPE_CHECKING:  # the rest is imported where it is used, so that building the parser needs no torch
     from ..checkpoints.load import LoadedModel
@@ -31,7 +31,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UserError(f"--prompts-file {path} not found: give a text file with one prompt per line")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [line.strip() for line in path.read_bytes().decode("utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise UserError(f"--prompts-file {path} is not UTF-8 text: give a text file with one prompt per line") from None
         found = [line for line in lines if line]
         if not found:
             raise UserError(f"--prompts-file {path} has no prompts: write one prompt per line")
@@ -44,7 +47,7 @@ def warn_if_cut(prompt: str, context_length: int) -> None:
 
     count = token_count(prompt)
     if count > context_length:
-        print(f"warning: prompt '{prompt}' has {count} tokens, more than the model's context length of "
+        print(f"warning: prompt {preview(prompt)} has {count} tokens, more than the model's context length of "
               f"{context_length}: it was cut to the first {context_length - 2}", file=sys.stderr)
 
 

@@ -20,6 +20,7 @@ from ..choices import PRECISIONS, SAMPLERS
 from ..errors import UserError, exit_on_user_error
 from ..threads import prefer_passive_waits, set_cpu_threads
 from . import classifier, clip, inpaint, prompts, upsample
+from .args import Parser, add_trust_argument, apply_trust
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +78,7 @@ def features() -> list[Feature]:
 
 
 def build_parser(feature_list: list[Feature]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sample.py", description="Sample images from a trained checkpoint.")
+    parser = Parser(prog="sample.py", description="Sample images from a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint, EMA weights) or one checkpoint")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance: 0 = unconditional, 1 = conditional, >1 = guided (default: config)")
@@ -87,22 +88,46 @@ def build_parser(feature_list: list[Feature]) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed+i, so each image can be regenerated alone")
     parser.add_argument("--out", default="samples", help="output directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the PNGs an earlier call wrote in --out first (otherwise such an --out is refused)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=PRECISIONS, default=None,
                         help="the denoiser's precision: bf16 autocast (default on GPUs) or fp32 (default on CPU); "
                              "guidance gradients are always fp32")
+    add_trust_argument(parser)
     for feature in feature_list:
         feature.add_arguments(parser)
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """The core options' ranges (floats are finite already: see cli.args)."""
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance-scale must be >= 0 (0 = unconditional, 1 = conditional), got {args.guidance_scale}")
     if args.steps is not None and args.steps <= 0:
         raise UserError(f"--steps must be positive, got {args.steps}")
     if args.num_samples <= 0 or args.batch_size <= 0:
         raise UserError("--num-samples and --batch-size must be positive")
+    if not 0 <= args.seed < 2**63 - 2**32:  # sample i uses seed + i, a torch.Generator seed
+        raise UserError(f"--seed must be a whole number in [0, 2^63), got {args.seed}")
+
+
+OUTPUTS = ("sample_*.png", "strip_*.png", "bicubic_*.png", "lowres_*.png", "grid.png")  # what sample.py writes
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The PNGs an earlier call wrote in --out; refused unless --overwrite (mixed with this call's, an
+    earlier call's extra images would pass for this one's)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
+    return sorted(p for pattern in OUTPUTS for p in out.glob(pattern)) if out.is_dir() else []
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    old = earlier_outputs(out)
+    if old and not overwrite:
+        raise UserError(f"--out {out} already holds {len(old)} images from an earlier call ({old[0].name}, ...): "
+                        "pass --overwrite to delete them first, or choose another --out")
 
 
 def sampler_settings(args: argparse.Namespace, loaded: LoadedModel) -> SamplerSettings:
@@ -111,7 +136,11 @@ def sampler_settings(args: argparse.Namespace, loaded: LoadedModel) -> SamplerSe
     from ..sampling.plan import SamplerSettings
 
     sampler = args.sampler or loaded.cfg.sample.sampler
-    steps = args.steps or (1000 if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
+    total = loaded.cfg.diffusion.num_train_timesteps
+    steps = args.steps or (total if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
+    if steps > total:
+        given = f"--steps {steps}" if args.steps else f"the checkpoint's sample.steps ({steps})"
+        raise UserError(f"{given} is more than the model's {total} training timesteps: give --steps from 1 to {total}")
     scale = loaded.cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
     precision = args.dtype or default_precision(loaded.device)
     return SamplerSettings(sampler, steps, scale, args.batch_size, precision)
@@ -152,19 +181,30 @@ def main(argv: list[str] | None = None) -> Path:
     prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
     feature_list = features()
     args = build_parser(feature_list).parse_args(argv)
+    apply_trust(args)
     check_args(args)
+    out = Path(args.out)
+    check_out(out, args.overwrite)
     if not Path(args.checkpoint).exists():  # before the slow imports (load_model would say the same)
         raise UserError(f"checkpoint not found: {args.checkpoint}")
     set_cpu_threads()
     from ..device import pick_device
     from ..sampling.images import save_grid, save_png
+    from ..memory import check_sampling_memory
     from ..sampling.plan import run_plan
 
     loaded = load_denoiser(args.checkpoint, pick_device(args.device))
     settings = sampler_settings(args, loaded)
+    resolution = loaded.cfg.data.resolution
+    check_sampling_memory(args.num_samples, args.batch_size, resolution, loaded.device)  # before the plan lists them
     plan = make_plan(args, loaded, feature_list, settings)
+    check_sampling_memory(len(plan.items), args.batch_size, resolution, loaded.device)
+    old = earlier_outputs(out)  # --overwrite (check_out refused them otherwise); finishers write during the run
+    for path in old:
+        path.unlink()
+    if old:
+        print(f"--overwrite: deleted {len(old)} images an earlier call wrote in {out}")
     images = run_plan(loaded, plan, settings)
-    out = Path(args.out)
     for index, (image, item) in enumerate(zip(images, plan.items)):
         save_png(image, out / f"sample_{index:04d}.png", item.meta)
     save_grid(images, out / "grid.png", nrow=args.num_samples if len(images) > args.num_samples else None)

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from ..config import DataConfig
+from ..signals import ignore_stop_signals
 from .celeba import CelebA
 from .cifar import Cifar10
 from .imagefolder import ImageFolder
@@ -48,10 +49,11 @@ def build_dataloader(dataset: torch.utils.data.Dataset, cfg: DataConfig, batch_s
     """A loader whose order and per-item draws (flip, caption template, `augment`) are functions of
     (seed, epoch, index) (see `items.py`), so any worker count resumes exactly. It has its own generator,
     so starting an iterator never draws from the global RNG (which would make a resumed run's noise
-    differ from an uninterrupted one's). Set the epoch with the loader's `set_epoch` (accelerate's)."""
+    differ from an uninterrupted one's). Set the epoch with the loader's `set_epoch` (accelerate's).
+    Workers ignore the signals that stop a run (`diffusion.signals`): the main process handles them."""
     return torch.utils.data.DataLoader(
         EpochItems(dataset, seed, augment), batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
         drop_last=drop_last, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-        pin_memory=pins_memory(cfg), collate_fn=collate_fn,
+        pin_memory=pins_memory(cfg), collate_fn=collate_fn, worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import random
+import struct
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision import transforms
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 
 def image_transform(resolution: int) -> transforms.Compose:
@@ -31,12 +32,26 @@ def check_text_file(path: Path, what: str) -> None:
         raise UserError(f"{path} is an HTML page, not the {what}: download it again from the dataset's site")
 
 
-def load_rgb(path: Path) -> Image.Image:
+# What PIL raises for a file that is not an image it can decode: damaged, truncated, foreign, or a
+# "decompression bomb" (a header claiming more than Image.MAX_IMAGE_PIXELS * 2 pixels).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def read_image(path: str | Path, mode: str = "RGB", what: str = "image") -> Image.Image:
+    """The image file `path` converted to `mode`, or a one-line UserError naming the file. Only regular
+    files are opened: a FIFO named like an image would block the read forever."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} is not a regular file" if path.exists() else f"{what} not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
+            return img.convert(mode)
+    except IMAGE_ERRORS as err:
+        raise UserError(f"cannot read {what} {path}: {first_line(err)}") from None
+
+
+def load_rgb(path: Path) -> Image.Image:
+    return read_image(path)
 
 
 def sample_dict(image: torch.Tensor, label: int, caption: str) -> dict:

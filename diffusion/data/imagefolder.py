@@ -2,27 +2,42 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..errors import UserError
+from ..errors import UserError, preview
 from .common import image_transform, load_rgb, sample_dict, template_caption
 from .items import ItemRandom, random_hflip
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
+    """{file_name: caption} from metadata.jsonl; a caption must be text ("text": null is no caption)."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
     captions = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            captions[row["file_name"]] = str(row["text"])
+            name, text = row["file_name"], row["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path}:{number} must be a JSON object with 'file_name' and 'text'") from None
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise UserError(f"{path}:{number}: 'file_name' and 'text' must be strings, got {preview(name)} and "
+                            f"{preview(text)}")
+        captions[name] = text
     return captions
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files below `folder`, by name: regular files only (a FIFO would block the loader)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -30,7 +45,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Sub-folders, in sorted order, are classes 0, 1, ...; images directly in the folder are one
     class. Captions come from `metadata.jsonl` (paths relative to the folder), else from the
-    class name in a random template ("a blurry photo of a dog").
+    class name in a random template ("a blurry photo of a dog"). Images both at the top level and
+    in class folders are refused (which class would the top-level ones be?); a class folder without
+    images is not a class (a warning says so).
     """
 
     def __init__(self, root: str, resolution: int, split: str = "train", hflip: bool = False):
@@ -39,12 +56,21 @@ class ImageFolder(torch.utils.data.Dataset):
             base = base / split
         if not base.is_dir():
             raise UserError(f"image folder not found: {base}")
-        self.class_names = tuple(sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")))
-        folders = [base / c for c in self.class_names] or [base]
-        self.samples: list[tuple[Path, int]] = []
-        for label, folder in enumerate(folders):
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
-            self.samples += [(p, label) for p in files]
+        folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found = {folder.name: image_files(folder) for folder in folders}
+        for name in [name for name, files in found.items() if not files]:
+            print(f"warning: {base / name} holds no images ({', '.join(IMG_EXTENSIONS)}): it is not a class",
+                  file=sys.stderr)
+            del found[name]
+        top = sorted(p for p in base.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if found and top:
+            raise UserError(f"{base} holds {len(top)} images at its top level (e.g. {top[0].name}) beside class "
+                            f"folders ({', '.join(list(found)[:3])}): move them into a class folder, or the class "
+                            "folders' images up to make one class")
+        self.class_names = tuple(found)
+        self.samples: list[tuple[Path, int]] = [(p, label) for label, files in enumerate(found.values()) for p in files]
+        if not found:
+            self.samples = [(p, 0) for p in image_files(base)]
         if not self.samples:
             raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {base}")
         self.class_names = self.class_names or ("image",)

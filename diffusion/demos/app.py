@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import traceback
@@ -21,6 +22,7 @@ from ..threads import prefer_passive_waits, set_cpu_threads
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
 
+from ..cli.args import Parser, add_trust_argument, apply_trust  # noqa: E402
 from . import backend as B  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"
@@ -64,12 +66,23 @@ def optional(value):
     return None if value in (None, "") else value
 
 
+def whole(value, what: str, low: int = 0, high: int = 2**62) -> int:
+    """A number field that must hold a whole number in [low, high] (a page can send NaN, 1e30 or 2.5)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise B.UserError(f"{what} must be a whole number from {low} to {high}, got {value}")
+    return int(number)
+
+
 def request_from(info: B.ModelInfo, label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale,
                  clip_scale, rescale, threshold, lo, hi, method=None, jump_length=5, jump_n_sample=5) -> B.GenerateRequest:
-    if steps is None or not 1 <= int(steps) <= info.num_train_timesteps:
-        raise B.UserError(f"steps must be 1..{info.num_train_timesteps} (the run's training timesteps), got {steps}")
-    if seed is None or int(seed) < 0:
-        raise B.UserError(f"the seed must be a whole number >= 0, got {seed}")
+    steps = whole(steps, "steps", 1, info.num_train_timesteps)
+    seed = whole(seed, "the seed")
+    count = whole(count or 1, "the number of images", 1, B.MAX_SAMPLES)
+    jump_length, jump_n_sample = whole(jump_length or 5, "jump length", 1, 1000), whole(jump_n_sample or 5, "jumps", 1, 1000)
     interval = None
     if optional(lo) is not None or optional(hi) is not None:
         if optional(lo) is None or optional(hi) is None:
@@ -79,12 +92,27 @@ def request_from(info: B.ModelInfo, label, prompt, negative, scale, sampler, ste
         class_label=None if label in (None, ANY_CLASS) else int(label),
         prompt=prompt if prompt or info.condition == "text" else None,
         negative_prompt=negative or None, guidance_scale=None if scale is None else float(scale), sampler=sampler,
-        steps=int(steps), seed=int(seed), num_samples=int(count or 1),
+        steps=steps, seed=seed, num_samples=count,
         classifier_scale=optional(classifier_scale), clip_scale=optional(clip_scale),
         guidance_rescale=optional(rescale) or None, dynamic_threshold=optional(threshold) or None,
-        guidance_interval=interval, inpaint_method=method, jump_length=int(jump_length or 5),
-        jump_n_sample=int(jump_n_sample or 5),
+        guidance_interval=interval, inpaint_method=method, jump_length=jump_length, jump_n_sample=jump_n_sample,
     )
+
+
+def guard_uploads(component, gr):
+    """Make a component's decoding of an upload (gradio opens it with PIL before our handler runs) end in
+    a message in the page: a damaged file or a decompression bomb would otherwise be an error without one."""
+    decode = component.preprocess
+
+    @functools.wraps(decode)
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except B.IMAGE_ERRORS as err:
+            raise gr.Error(f"the uploaded image cannot be read: {B.first_line(err)}") from None
+
+    component.preprocess = preprocess
+    return component
 
 
 def build_app(models: B.Models, title: str = "diffusion demo"):
@@ -202,10 +230,10 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
         with gr.Tab("In-paint", elem_id="tab-inpaint"):
             with gr.Row():
                 with gr.Column():
-                    editor = gr.ImageEditor(
+                    editor = guard_uploads(gr.ImageEditor(
                         type="pil", image_mode="RGBA", sources=["upload", "clipboard"], transforms=[], layers=False,
                         brush=gr.Brush(colors=["#ff3030"], color_mode="fixed", default_size=24),
-                        label="image: paint the region to regenerate", height=420, elem_id="inpaint-editor")
+                        label="image: paint the region to regenerate", height=420, elem_id="inpaint-editor"), gr)
                     examples = B.example_images(models, EXAMPLE_SIDE)
                     if examples:
                         gr.Examples([[str(p)] for p in examples], inputs=[editor], label="examples (the run's dataset)")
@@ -258,8 +286,8 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.demos.app", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m diffusion.demos.app", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="denoiser run directory or checkpoint")
     parser.add_argument("--inpaint-checkpoint", default=None, help="in-painting run (model.inpaint: true) for the In-paint tab")
     parser.add_argument("--upsampler", default=None, help="upsampler run (model.upsample: true) for the Upscale tab: "
@@ -269,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    add_trust_argument(parser)
     return parser
 
 
@@ -278,9 +307,10 @@ def launch(demo, host: str, port: int, block: bool = True):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    set_cpu_threads()
     try:
+        args = build_parser().parse_args(argv)
+        apply_trust(args)
+        set_cpu_threads()
         import_gradio()
         models = B.load_models(B.DemoPaths(args.checkpoint, args.inpaint_checkpoint, args.upsampler, args.classifier,
                                            args.clip, args.device))

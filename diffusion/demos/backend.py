@@ -7,6 +7,7 @@ the small typed interface below. Errors the user can fix are raised as `UserErro
 """
 from __future__ import annotations
 
+import math
 import shlex
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,8 @@ from ..conditioning.inpaint import files as inpaint_files
 from ..conditioning.inpaint.methods import METHODS
 from ..data import build_dataset
 from ..device import pick_device
-from ..errors import UserError
+from ..data.common import IMAGE_ERRORS
+from ..errors import UserError, first_line
 from ..sampling.images import save_png, to_pil
 from ..sampling.plan import run_plan
 from ..sampling.samplers import SAMPLERS
@@ -205,6 +207,7 @@ def _run(models: Models, loaded: LoadedModel, request: GenerateRequest, progress
          inputs: dict[str, Image.Image] | None = None) -> tuple[list[Result], Path]:
     """Run sample.py's plan for a request; `inputs` (image, mask, low_res) are written as NAME.png
     (low_res as input.png) and passed as the files of the matching options."""
+    check_request(request)
     models.requests += 1
     out = models.workdir / f"request-{models.requests:04d}"
     out.mkdir(parents=True)
@@ -230,6 +233,24 @@ def _run(models: Models, loaded: LoadedModel, request: GenerateRequest, progress
     return results, out
 
 
+REQUEST_NUMBERS = {"guidance_scale": "the guidance scale", "classifier_scale": "the classifier scale",
+                   "clip_scale": "the CLIP scale", "guidance_rescale": "the CFG rescale",
+                   "dynamic_threshold": "the dynamic threshold", "aug_level": "the aug level"}
+
+
+def check_request(request: GenerateRequest) -> None:
+    """Numbers from the page, refused in the page's words before they become sample.py options: a NaN
+    guidance scale would give black images without an error."""
+    values = {name: getattr(request, name) for name in REQUEST_NUMBERS}
+    for name, value in values.items():
+        if value is not None and not math.isfinite(float(value)):
+            raise UserError(f"{REQUEST_NUMBERS[name]} must be a finite number, got {value}")
+    if request.guidance_interval is not None and not all(math.isfinite(float(v)) for v in request.guidance_interval):
+        raise UserError(f"the guidance interval must be finite numbers, got {request.guidance_interval}")
+    if request.guidance_scale is not None and request.guidance_scale < 0:
+        raise UserError(f"the guidance scale must be >= 0 (0 unconditional, 1 conditional), got {request.guidance_scale}")
+
+
 def generate(models: Models, request: GenerateRequest, progress: Progress | None = None) -> list[Result]:
     """Images for a class, a prompt or neither, as sample.py would write them."""
     return _run(models, models.base, request, progress)[0]
@@ -250,8 +271,9 @@ def paint_mask_from_layers(size: tuple[int, int], layers: list[np.ndarray | Imag
             continue
         layer = layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer))
         alpha = layer.convert("RGBA").getchannel("A")
-        if alpha.size != size:
-            alpha = alpha.resize(size, Image.NEAREST)
+        if alpha.size != size:  # resized, the painted region would move against the image
+            raise UserError(f"the mask layer is {alpha.size[0]}x{alpha.size[1]} but the image is {size[0]}x{size[1]}: "
+                            "paint the mask on the image itself")
         painted |= np.asarray(alpha) > 0
     return Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
 
@@ -321,8 +343,9 @@ def read_upload(path: str | Path | None, what: str = "image") -> Image.Image:
     try:
         with Image.open(path) as picture:
             return check_upload(picture, what)
-    except (OSError, ValueError):
-        raise UserError(f"the uploaded file {Path(path).name} is not an {what} PIL can read (PNG, JPEG, ...)") from None
+    except IMAGE_ERRORS as err:  # damaged, not an image, or a "decompression bomb" header
+        raise UserError(f"the uploaded file {Path(path).name} is not an {what} PIL can read (PNG, JPEG, ...): "
+                        f"{first_line(err)}") from None
 
 
 def upscale(models: Models, image: Image.Image, request: GenerateRequest,
@@ -371,4 +394,5 @@ def cascade_source(models: Models, generated: list[str] | None) -> tuple[str, di
 __all__ = ["DemoPaths", "Models", "ModelInfo", "GenerateRequest", "Result", "InpaintResult", "SAMPLERS",
            "INPAINT_METHODS", "load_models", "generate", "inpaint", "batch_command", "paint_mask_from_layers",
            "check_upload", "coverage_warning", "example_images", "model_input", "upscale", "UserError",
-           "UpscaleResult", "read_upload", "upscale_command", "cascade_check", "cascade_source"]
+           "UpscaleResult", "read_upload", "upscale_command", "cascade_check", "cascade_source", "check_request",
+           "IMAGE_ERRORS", "first_line"]

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from ..checkpoints.load import load_model
+from ..cli.args import Parser, add_trust_argument, apply_trust
 from ..conditioning.inpaint import files
 from ..conditioning.inpaint.masks import MASK_TYPES, seeded_mask_grid
 from ..conditioning.inpaint.methods import METHODS, default_method, run_inpainting
@@ -27,8 +28,8 @@ from ..sampling.samplers import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.demos.inpaint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m diffusion.demos.inpaint", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="denoiser run directory or checkpoint")
     parser.add_argument("--images", required=True, help="folder of photos (the first --num-images, by name)")
     parser.add_argument("--out", required=True, help="output folder for inpaint_demo.png")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zoom", type=int, default=2, help="nearest-neighbour enlargement of the grid")
     parser.add_argument("--device", default=None)
+    add_trust_argument(parser)
     return parser
 
 
@@ -60,6 +62,7 @@ def label_columns(grid: Image.Image, names: list[str], cell_width: int, pad: int
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
+    apply_trust(args)
     kinds = [k.strip() for k in args.mask_types.split(",") if k.strip()]
     if not kinds or args.num_images <= 0:
         raise UserError("--mask-types needs at least one type and --num-images must be positive")

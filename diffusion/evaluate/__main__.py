@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from ..cli.args import Parser, add_trust_argument, apply_trust
 from ..errors import UserError, exit_on_user_error
 from ..threads import prefer_passive_waits, set_cpu_threads
 from . import COMMANDS
@@ -22,9 +23,11 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
     if command not in available:
         raise UserError(f"unknown evaluation '{command}': choose one of {', '.join(available)}")
     module = available[command]
-    parser = argparse.ArgumentParser(prog=f"python -m diffusion.evaluate {command}", description=module.__doc__,
-                                     allow_abbrev=False)  # --classifier must pass through, not abbreviate --classifier-scale
+    parser = Parser(prog=f"python -m diffusion.evaluate {command}", description=module.__doc__,
+                    allow_abbrev=False)  # --classifier must pass through, not abbreviate --classifier-scale
     module.add_arguments(parser)
+    if not any("--trust-checkpoint" in action.option_strings for action in parser._actions):
+        add_trust_argument(parser)
     return parser, module
 
 
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser, module = build_parser(argv[0] if argv else "nothing")
     args = parse(parser, module, argv[1:])
+    apply_trust(args[0] if isinstance(args, tuple) else args)
     set_cpu_threads()
     module.run(args)
 

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.load import load_model
 from ..cli.sample import build_parser, check_args, features, make_plan, sampler_settings
-from ..data.common import load_rgb
+from ..data.common import IMAGE_ERRORS, load_rgb
 from ..device import pick_device
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import atomic_write_text
 from ..sampling.images import save_png
 from ..sampling.plan import SampleItem, run_plan
@@ -78,8 +78,16 @@ def image_files(directory: Path) -> list[Path]:
 
 
 def image_size(path: Path) -> int:
-    with Image.open(path) as img:
-        return img.width
+    return image_header(path)[0]
+
+
+def image_header(path: Path) -> tuple[int, dict[str, str]]:
+    """(width, PNG text chunks) of an image file, or a one-line UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.width, dict(getattr(img, "text", {}))
+    except IMAGE_ERRORS as err:
+        raise UserError(f"cannot read image {path}: {first_line(err)}") from None
 
 
 def png_matches(path: Path, meta: dict[str, str]) -> bool:
@@ -89,7 +97,7 @@ def png_matches(path: Path, meta: dict[str, str]) -> bool:
     try:
         with Image.open(path) as img:
             return img.format == "PNG" and dict(getattr(img, "text", {})) == meta
-    except OSError:
+    except IMAGE_ERRORS:
         return False
 
 
@@ -170,8 +178,7 @@ def directory_samples(args: argparse.Namespace) -> tuple[list[Path], dict]:
     jpegs = sum(p.suffix.lower() in (".jpg", ".jpeg") for p in files)
     if jpegs:
         print(f"note: {jpegs} sample images are JPEG; compression artefacts raise FID (sample.py writes PNG)")
-    with Image.open(files[0]) as first:
-        meta = dict(getattr(first, "text", {}))
+    meta = image_header(files[0])[1]
     info = {"source": "directory", "sample_dir": str(Path(args.samples).resolve()), "sampler": meta.get("sampler"),
             "steps": number(meta.get("steps"), int), "resolution": image_size(files[0]),
             "guidance_scale": number(meta.get("guidance_scale"), float),

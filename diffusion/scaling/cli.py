@@ -10,12 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli.args import Parser
 from ..errors import UserError, exit_on_user_error
 from ..threads import prefer_passive_waits, set_cpu_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffusion.scaling", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m diffusion.scaling", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sweep", help="train the grid of a sweep file")
     s.add_argument("config")

@@ -1,5 +1,5 @@
 """Checks that a run can start, made before the model, data and accelerate are loaded: the output
-folder is writable, the --resume checkpoint is complete and in the expected file formats, and the
+folder is writable and holds no other run (unless --resume or --overwrite), the --resume checkpoint is complete and in the expected file formats, and the
 device can do the requested mixed precision. Each failure is one UserError line.
 
 train.py runs them before its slow imports, so torch is imported only by the checks that need it.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+from ..checkpoints.run_folder import check_new_run
 from ..config import Config
 from ..errors import UserError, first_line
 from ..io import check_output_dir
@@ -55,20 +56,24 @@ def find_resume(cfg: Config, resume: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        from ..checkpoints.store import list_checkpoints
+        from ..checkpoints.store import newest_checkpoint
 
-        found = list_checkpoints(cfg.output_dir)
-        path = found[-1] if found else None
+        path = newest_checkpoint(cfg.output_dir)
     else:
         path = Path(resume)
     if path is not None:
         check_resume_checkpoint(path)
+        from ..checkpoints.settings import check_resume_settings
+        from ..checkpoints.store import read_config
+
+        check_resume_settings(path, read_config(path), cfg)
     return path
 
 
-def preflight(cfg: Config, resume: str | None) -> Path | None:
+def preflight(cfg: Config, resume: str | None, overwrite: bool = False) -> Path | None:
     """Every check above; returns the checkpoint to resume from, if any."""
     check_output_dir(cfg.output_dir)
+    check_new_run(cfg.output_dir, resume, overwrite)
     path = find_resume(cfg, resume)
     from ..device import check_mixed_precision, pick_device
 

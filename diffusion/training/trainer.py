@@ -5,8 +5,8 @@ Follows diffusers' train_unconditional.py: one Accelerator drives CPU, one GPU o
 """
 from __future__ import annotations
 
-import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -20,14 +20,18 @@ from ..checkpoints import store as ckpt
 from ..checkpoints.ema_state import save_ema_state
 from ..checkpoints.init_from import initialise_from
 from ..checkpoints.resume import load_training_state
+from ..checkpoints.run_folder import move_aside
 from ..checkpoints.run_lock import RunLock
 from ..conditioning.upsample import with_low_res
 from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
-from ..errors import Diverged, Interrupted, UserError
+from ..errors import Diverged, Interrupted, UserError, first_line, one_line
+from ..memory import check_training_memory
+from ..signals import blocked_stop_signals
 from ..threads import cpu_threads_note
 from .batches import training_augment, training_collate
+from .guard import LossGuard
 from .logger import MetricLogger
 from .preflight import preflight
 from .stop import StopRequest
@@ -49,12 +53,13 @@ def warmup_lr(cfg: Config, step: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, log: bool = True, on_step=None):
-        """`on_step(trainer, loss)`, if given, runs after every optimizer step (e.g. scaling-law evaluations)."""
+    def __init__(self, cfg: Config, resume: str | None = None, log: bool = True, on_step=None, overwrite: bool = False):
+        """`on_step(trainer, loss)`, if given, runs after every optimizer step (e.g. scaling-law evaluations).
+        `overwrite`: start afresh in an output_dir that holds a run, after moving that run aside."""
         self.cfg = cfg
         self.on_step = on_step
         self.run_dir = Path(cfg.output_dir)
-        self.resume_from = preflight(cfg, resume)
+        self.resume_from = preflight(cfg, resume, overwrite)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # on CPU, torchrun still runs it multi-process (gloo)
             mixed_precision=cfg.train.mixed_precision,
@@ -64,18 +69,22 @@ class Trainer:
         )
         self.run_lock = RunLock(self.run_dir) if self.accelerator.is_main_process else None  # one run per folder
         if self.run_lock is not None:
+            if overwrite:
+                self.move_old_run_aside()
             ckpt.remove_crash_residue(self.run_dir)  # .tmp-* folders of a killed save; safe under the lock
+        self.accelerator.wait_for_everyone()
         set_seed(cfg.train.seed, device_specific=True)
         use_fast_cuda_math(self.accelerator.device, cfg.train.allow_tf32)
         dataset = with_low_res(build_dataset(cfg.data), cfg)  # upsamplers: items carry their low-res input
         self.state = ckpt.TrainState(class_names=resolve_dataset_info(cfg, dataset))
+        per_device_batch = cfg.train.batch_size // self.accelerator.num_processes
+        check_training_memory(cfg, self.accelerator.device, max(1, per_device_batch))  # before allocating anything
         self.task: Task = build_task(cfg)
         model = self.task.build_model()
         if cfg.init_from and self.resume_from is None:
             initialise_from(model, cfg.init_from, cfg)
         if self.accelerator.device.type == "cuda" and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        per_device_batch = cfg.train.batch_size // self.accelerator.num_processes
         if per_device_batch * self.accelerator.num_processes != cfg.train.batch_size:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by {self.accelerator.num_processes} processes")
         if len(dataset) < per_device_batch:
@@ -126,7 +135,31 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Model, optimizer, RNG and EMA state (checked, no code-running pickles) and the data position."""
         saved = load_training_state(path, self.accelerator, self.ema, self.core)
+        per_epoch = len(self.loader)
+        if saved.step * self.cfg.train.grad_accum != saved.epoch * per_epoch + saved.batch_in_epoch:
+            raise UserError(f"cannot resume from {path}: its {ckpt.INFO_FILE} says step {saved.step} but data position "
+                            f"epoch {saved.epoch}, batch {saved.batch_in_epoch} (at {per_epoch} batches an epoch): "
+                            "info.json was edited, or the dataset changed size since the save")
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
+
+    def move_old_run_aside(self) -> None:
+        """--overwrite: rename the run in output_dir aside whole, under its lock, and lock the new folder."""
+        old_lock = self.run_lock
+        aside = move_aside(self.run_dir)
+        if aside is not None:
+            self.run_lock = RunLock(self.run_dir)
+            old_lock.release()
+            print(f"--overwrite: moved the run that was in {self.run_dir} to {aside}")
+
+    def stop_workers(self, batches) -> None:
+        """Shut the data-loader workers down now, whatever ended the loop. They ignore SIGTERM (see
+        diffusion.signals), so leaving them to the interpreter's exit, which terminates leftover workers
+        with SIGTERM and then joins them, would wait forever after an error."""
+        batches.close()  # ends a resumed run's partial-epoch loader, if one is running
+        iterator = getattr(self.loader, "_iterator", None)  # persistent workers: the loader keeps its iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            self.loader._iterator = None
 
     def release_run(self) -> None:
         """Let another process train in this run folder (a process exit releases it too)."""
@@ -188,10 +221,13 @@ class Trainer:
         loss_sum, loss_count, tick, tick_step = torch.zeros((), device=acc.device), 0, time.perf_counter(), self.state.step
         last_saved = self.state.step if self.resume_from else -1
         saved = self.resume_from
+        guard = LossGuard(cfg, saved, self.state.step)
+        batches = self.batches()
         try:
-            batches = self.batches()
             while self.state.step < cfg.train.max_steps:
-                loss = self.train_step(next(batches))
+                with blocked_stop_signals():  # workers forked here must not die of a signal first
+                    batch = next(batches)
+                loss = self.train_step(batch)
                 loss_sum += loss
                 loss_count += 1
                 if not acc.sync_gradients:
@@ -205,20 +241,19 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                     elapsed = time.perf_counter() - tick
                     mean_loss = (acc.gather(loss_sum).sum() / (loss_count * acc.num_processes)).item()
-                    if not math.isfinite(mean_loss):
-                        raise Diverged(f"the loss is {mean_loss} at step {step}: training diverged; the last saved "
-                                       f"checkpoint is {saved}; lower train.lr or set train.grad_clip and resume from it")
                     metrics = {"loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
                                "images_per_sec": images_per_step * (step - tick_step) / elapsed}
                     self.logger.log(step, metrics)
+                    guard.check(step, mean_loss, step - tick_step)  # the same value on every rank
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     loss_sum.zero_()
                     loss_count, tick, tick_step = 0, time.perf_counter(), step
-                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and acc.is_main_process:
-                    self.with_ema_weights(lambda core: self.task.preview(core, step, self.run_dir))
-                if step % cfg.train.checkpoint_every == 0:
+                if step % cfg.train.checkpoint_every == 0:  # before the preview: a failing preview costs nothing
                     saved = self.save_checkpoint()
                     last_saved = step
+                    guard.saved(saved, step)
+                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and acc.is_main_process:
+                    self.preview(step)
                 if stop.agreed(acc):  # only here, after a real optimizer step, and on every rank at once
                     break
             if last_saved != self.state.step:
@@ -228,6 +263,7 @@ class Trainer:
         finally:  # a signal during the saves above still lets them finish
             bar.close()
             stop.restore()
+            self.stop_workers(batches)
             self.release_run()
         self.logger.close()
         if stop.signum is not None:
@@ -235,6 +271,15 @@ class Trainer:
             acc.print(f"interrupted by {name} at step {self.state.step}: saved {saved}; continue with --resume auto")
             raise Interrupted(f"interrupted by {name}", stop.signum)
         return self.run_dir
+
+    def preview(self, step: int) -> None:
+        """The task's preview (a sample grid) with the EMA weights. It cannot stop training: a failure
+        is one warning line, and the run goes on (its checkpoint at this step is already saved)."""
+        try:
+            self.with_ema_weights(lambda core: self.task.preview(core, step, self.run_dir))
+        except Exception as err:  # noqa: BLE001 - a preview is a convenience, the run is what matters
+            message = one_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
+            tqdm.write(f"warning: the preview at step {step} failed ({message}); training goes on", file=sys.stderr)
 
     def export(self) -> None:
         """Final EMA model, as a checkpoint sample.py reads and in plain-diffusers format."""
@@ -247,8 +292,8 @@ class Trainer:
         ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, keep=0)
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
-    trainer = Trainer(cfg, resume)
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+    trainer = Trainer(cfg, resume, overwrite=overwrite)
     run_dir = trainer.fit()
     trainer.accelerator.print(f"run saved in {run_dir}")
     return run_dir

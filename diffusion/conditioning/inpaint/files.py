@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from ...data.common import image_transform, load_rgb
+from ...data.common import image_transform, read_image
 from ...errors import UserError
 
 ALMOST = 0.02  # warn when less than this fraction of the mask is black (or white)
@@ -44,24 +44,29 @@ def geometry(resolution: int) -> list:
 
 def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     """(1, 3, R, R) in [-1, 1], resized and centre-cropped like the training data."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--image not found: {path}")
-    return image_transform(resolution)(load_rgb(path)).unsqueeze(0)
+    return image_transform(resolution)(read_image(path, what="--image")).unsqueeze(0)
+
+
+def mask_tensor(grey: Image.Image, resolution: int, invert: bool = False) -> torch.Tensor:
+    """Keep-mask (1, 1, R, R) from a mask picture (white = generate), with the image's geometry."""
+    white = transforms.Compose([*geometry(resolution), transforms.ToTensor()])(grey)
+    return keep_from_file_mask(white, invert).unsqueeze(0)
 
 
 def load_mask(path: str | Path, resolution: int, invert: bool = False) -> torch.Tensor:
     """Keep-mask (1, 1, R, R) from a mask file (white = generate), with the image's geometry."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--mask not found: {path}")
-    try:
-        with Image.open(path) as img:
-            grey = img.convert("L")
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read mask {path}: {err}") from None
-    white = transforms.Compose([*geometry(resolution), transforms.ToTensor()])(grey)
-    return keep_from_file_mask(white, invert).unsqueeze(0)
+    return mask_tensor(read_image(path, "L", "--mask"), resolution, invert)
+
+
+def load_image_and_mask(image_path: str | Path, mask_path: str | Path, resolution: int,
+                        invert: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image (1, 3, R, R) and its keep-mask (1, 1, R, R). A mask of another size than its image is
+    refused: resized and cropped on its own, its region would move against the image."""
+    image, grey = read_image(image_path, what="--image"), read_image(mask_path, "L", "--mask")
+    if image.size != grey.size:
+        raise UserError(f"--mask {mask_path} is {grey.size[0]}x{grey.size[1]} but --image {image_path} is "
+                        f"{image.size[0]}x{image.size[1]}: draw the mask at the image's size")
+    return image_transform(resolution)(image).unsqueeze(0), mask_tensor(grey, resolution, invert)
 
 
 def coverage_warning(keep: torch.Tensor) -> str | None:

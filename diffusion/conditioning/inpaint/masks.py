@@ -15,9 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ...config import InpaintConfig
+from ...config_checks import MASK_TYPES, check_inpaint as check_mask_config  # noqa: F401 - re-exported
 from ...errors import UserError
 
-MASK_TYPES = ("box", "strokes", "half", "border")
 MaskFn = Callable[[int, int, InpaintConfig, "torch.Generator | None"], torch.Tensor]
 
 
@@ -86,21 +86,6 @@ def border_holes(n: int, resolution: int, cfg: InpaintConfig, gen: torch.Generat
 
 
 HOLES: dict[str, MaskFn] = {"box": box_holes, "strokes": stroke_holes, "half": half_holes, "border": border_holes}
-
-
-def check_mask_config(cfg: InpaintConfig) -> None:
-    """Refuse weights, fractions and size ranges that cannot give sensible masks."""
-    weights = [getattr(cfg, kind) for kind in MASK_TYPES]
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise UserError(f"inpaint.{'/'.join(MASK_TYPES)} are mask-type weights: non-negative, at least one positive")
-    if cfg.all_known < 0 or cfg.all_unknown < 0 or cfg.all_known + cfg.all_unknown > 1:
-        raise UserError("inpaint.all_known and inpaint.all_unknown are fractions that add up to at most 1")
-    for key, limit in (("box_size", 1.0), ("stroke_width", 1.0), ("border_size", 0.5)):
-        value = getattr(cfg, key)
-        if len(value) != 2 or not 0 < value[0] <= value[1] <= limit:
-            raise UserError(f"inpaint.{key} must be [low, high] with 0 < low <= high <= {limit}; got {value}")
-    if cfg.max_boxes < 1 or cfg.max_strokes < 1 or cfg.stroke_vertices < 1:
-        raise UserError("inpaint.max_boxes, inpaint.max_strokes and inpaint.stroke_vertices must be at least 1")
 
 
 def training_keep_masks(n: int, resolution: int, cfg: InpaintConfig, gen: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,777 @@
+"""The cases of the hostile-input drill (benchmarks/hostile_inputs.py runs each as a process;
+tests/test_bad_input.py runs the quick ones in-process).
+
+A case is a command (`train`, `sample`, `evaluate`, `demo` or `python` first, then its arguments)
+built from the shared files (`Env`: one tiny trained run, image files) and the case's own folder,
+with what a clean answer is: exit status 2 and one `error:` line holding `words`, or another status,
+and a `check` for the result (None when fine, else what is wrong). Cases that stop a run with a
+signal have their own `runner`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import ROOT, TINY
+
+
+@dataclass
+class Result:
+    status: int | None  # None: killed at the case's timeout
+    out: str
+    err: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Env:
+    """The files every case may use, made once by `build_env`."""
+
+    root: Path
+    run: Path = field(init=False)  # a tiny run: checkpoints/step-000002, step-000004, final
+
+    def __post_init__(self):
+        self.run = self.root / "run"
+
+    def file(self, name: str) -> Path:
+        return self.root / "files" / name
+
+    def copy_run(self, folder: Path, name: str = "run") -> Path:
+        target = folder / name
+        if not target.exists():
+            shutil.copytree(self.run, target)
+        return target
+
+
+@dataclass
+class Case:
+    group: str
+    id: str
+    argv: Callable[[Env, Path], list[str]] | None = None
+    words: str | None = ""  # the one error line holds these (None: not checked)
+    status: int = 2
+    check: Callable[[Env, Path, Result], str | None] | None = None
+    lost: bool = False  # a failed check or status means training work was lost
+    timeout: float = 180
+    prepare: Callable[[Env, Path], None] | None = None
+    runner: Callable[[Env, Path], Result] | None = None
+    quick: bool = True  # answered before any training: tests/test_bad_input.py runs it in-process
+    cpu_only: bool = False  # bad input on a CPU-only machine only (fp16 works on a GPU)
+
+
+STEP4 = "checkpoints/step-000004"
+MARKER = "MARKER"  # in Env.root: created by any hostile pickle that gets unpickled
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`: the case fails if any loader lets it run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+TINY_OPEN_CLIP = {  # an open_clip architecture small enough to build in a moment
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+# -- the shared files -------------------------------------------------------------------------------
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels (PIL refuses it as a decompression bomb on open)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def picture(path: Path, value: int, size: tuple[int, int] = (12, 12), mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "L": 1}[mode]
+    array = np.full((size[1], size[0], channels), value, np.uint8)
+    Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode=mode).save(path)
+    return path
+
+
+def build_env(root: Path) -> Env:
+    """Train the shared tiny run (4 steps) and write the image files."""
+    env = Env(root)
+    files = root / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    if not (env.run / "final").is_dir():
+        subprocess.run([sys.executable, "train.py", "configs/shapes.yaml", *TINY, "train.max_steps=4",
+                        f"output_dir={env.run}"], cwd=ROOT, check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    picture(files / "image.png", 90, (16, 12))
+    mask = np.zeros((12, 16), np.uint8)
+    mask[:, 8:] = 255
+    Image.fromarray(mask, mode="L").save(files / "mask.png")
+    Image.fromarray(mask[:, :8], mode="L").save(files / "half_mask.png")
+    (files / "bomb.png").write_bytes(png_header(20000, 20000))
+    (files / "corrupt.png").write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(files / "noise.png")
+    (files / "truncated.png").write_bytes((files / "noise.png").read_bytes()[:4000])  # half of it
+    (files / "notes.txt").write_text("a red circle\n")
+    (files / "binary.txt").write_bytes(b"\xff\xfe\x00 not text \xc3")
+    (files / "empty.txt").write_text("\n\n")
+    (files / "a_file").write_text("not a folder")
+    import pickle
+
+    import torch
+
+    (files / "evil.bin").write_bytes(pickle.dumps(Payload(root / MARKER)))
+    torch.save(Payload(root / MARKER), files / "evil_archive.bin")  # the zip format torch.save writes, around it
+    (files / "garbage.pt2").write_bytes(b"PK\x03\x04 not really a zip archive")
+    (files / "tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    for i in range(4):
+        picture(files / "images" / f"{i}.png", 40 * i, (8, 8))
+    fifo = files / "fifo.png"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    return env
+
+
+def image_folder(folder: Path, classes: dict[str, int], top: int = 0) -> Path:
+    """An image folder with `classes` {name: images} and `top` images at its top level."""
+    root = folder / "images"
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            picture(root / name / f"{i}.png", 30 * i)
+    for i in range(top):
+        picture(root / f"top{i}.png", 20 * i)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# -- case builders ----------------------------------------------------------------------------------
+
+def train_argv(*extra: str, steps: int = 2, config: str = "configs/shapes.yaml") -> Callable[[Env, Path], list[str]]:
+    """train.py on the tiny config into the case's folder; values may name {run}, {files}, {folder}."""
+    def argv(env: Env, folder: Path) -> list[str]:
+        fill = {"run": env.run, "files": env.root / "files", "folder": folder}
+        return ["train", config, *TINY, f"train.max_steps={steps}", f"output_dir={folder / 'out'}",
+                *(e.format(**fill) for e in extra)]
+    return argv
+
+
+def sample_argv(*extra: str, checkpoint: str = "{run}") -> Callable[[Env, Path], list[str]]:
+    def argv(env: Env, folder: Path) -> list[str]:
+        fill = {"run": env.run, "files": env.root / "files", "folder": folder, "copy": folder / "run"}
+        return ["sample", "--checkpoint", checkpoint.format(**fill), "--out", str(folder / "samples"),
+                "--num-samples", "1", "--steps", "2", *(e.format(**fill) for e in extra)]
+    return argv
+
+
+def config(group: str, override: str, words: str, **kw) -> Case:
+    name = override if len(override) < 80 else f"{override[:30]}... ({len(override)} characters)"
+    return Case(group, name, train_argv(override), words, **kw)
+
+
+def config_file(name: str, text: str | bytes, words: str) -> Case:
+    """train.py with a config file of this content."""
+    def prepare(env: Env, folder: Path) -> None:
+        path = folder / "config.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape"))
+
+    def argv(env: Env, folder: Path) -> list[str]:
+        return ["train", str(folder / "config.yaml"), f"output_dir={folder / 'out'}", "train.max_steps=1"]
+    return Case("config file", name, argv, words, prepare=prepare)
+
+
+def edited_copy(edit: Callable[[Path, Env], None], restamp: bool = False) -> Callable[[Env, Path], None]:
+    """A copy of the shared run whose newest checkpoint `edit` changes (then re-digested, if `restamp`,
+    as someone planting a file would)."""
+    def prepare(env: Env, folder: Path) -> None:
+        run = env.copy_run(folder)
+        edit(run / STEP4, env)
+        if restamp:
+            from diffusion.checkpoints import store
+
+            info = json.loads((run / STEP4 / store.INFO_FILE).read_text())
+            info[store.DIGESTS] = store.file_digests(run / STEP4)
+            (run / STEP4 / store.INFO_FILE).write_text(json.dumps(info))
+    return prepare
+
+
+def set_info(**changes) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
+        info = json.loads((checkpoint / "info.json").read_text())
+        info.update(changes)
+        (checkpoint / "info.json").write_text(json.dumps(info))
+    return edit
+
+
+def keep_digests(count: int) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
+        info = json.loads((checkpoint / "info.json").read_text())
+        info["sha256"] = dict(list(info["sha256"].items())[:count])
+        (checkpoint / "info.json").write_text(json.dumps(info))
+    return edit
+
+
+def flip_byte(name: str) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
+        data = bytearray((checkpoint / name).read_bytes())
+        data[-3] ^= 0x10
+        (checkpoint / name).write_bytes(bytes(data))
+    return edit
+
+
+def replace_text(name: str, old: str, new: str) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
+        (checkpoint / name).write_text((checkpoint / name).read_text().replace(old, new))
+    return edit
+
+
+def write_file(name: str, content: bytes | str) -> Callable[[Path, Env], None]:
+    """Replace a file of the checkpoint by `content`, or by the shared file named `content` (a str)."""
+    def edit(checkpoint: Path, env: Env) -> None:
+        data = content if isinstance(content, bytes) else env.file(content).read_bytes()
+        (checkpoint / name).write_bytes(data)
+    return edit
+
+
+def no_code_ran(env: Env, folder: Path, result: Result) -> str | None:
+    return "a hostile pickle ran (MARKER exists)" if (env.root / MARKER).exists() else None
+
+
+def remove(name: str) -> Callable[[Path, Env], None]:
+    def edit(checkpoint: Path, env: Env) -> None:
+        (checkpoint / name).unlink()
+    return edit
+
+
+def resume_argv(*extra: str, resume: str = "auto") -> Callable[[Env, Path], list[str]]:
+    def argv(env: Env, folder: Path) -> list[str]:
+        return ["train", "configs/shapes.yaml", *TINY, "train.max_steps=6", f"output_dir={folder / 'run'}", *extra,
+                "--resume", resume.format(run=folder / "run")]
+    return argv
+
+
+def resumed(env: Env, folder: Path, result: Result) -> str | None:
+    return None if "resumed from" in result.out else "did not resume"
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def unchanged_run(env: Env, folder: Path, result: Result) -> str | None:
+    return None if tree(folder / "run") == tree(env.run) else "the existing run's files changed"
+
+
+def moved_aside(env: Env, folder: Path, result: Result) -> str | None:
+    if tree(folder / "run.previous-1") != tree(env.run):
+        return "the old run was not moved aside whole"
+    return None if (folder / "run" / "final").is_dir() else "no new run"
+
+
+def no_stale_samples(env: Env, folder: Path, result: Result) -> str | None:
+    """The folder holds this call's images only (it says how many it wrote)."""
+    wrote = int(re.search(r"wrote (\d+) samples", result.out).group(1))
+    found = len(list((folder / "samples").glob("sample_*.png")))
+    return None if found == wrote else f"{found} images in --out, this call wrote {wrote}"
+
+
+def stale_samples(env: Env, folder: Path) -> None:
+    for i in range(4):
+        picture(folder / "samples" / f"sample_{i:04d}.png", 10 * i)
+
+
+def no_final(env: Env, folder: Path, result: Result) -> str | None:
+    return "final/ was exported from a diverged run" if (folder / "out" / "final").exists() else None
+
+
+def class_count(expected: int) -> Callable[[Env, Path, Result], str | None]:
+    def check(env: Env, folder: Path, result: Result) -> str | None:
+        names = json.loads((folder / "out" / "final" / "info.json").read_text())["class_names"]
+        return None if len(names) == expected else f"{len(names)} classes ({names}), expected {expected}"
+    return check
+
+
+# -- signals --------------------------------------------------------------------------------------------
+
+def as_from_a_terminal() -> None:
+    """A command typed into a terminal handles Ctrl-C and SIGHUP; a process started in the background of
+    a script (like this drill, perhaps) would inherit them ignored, and a run keeps ignored signals ignored."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def signalled(signals: tuple[int, ...], launcher: tuple[str, ...] = (), gap: float = 0.01,
+              *extra: str) -> Callable[[Env, Path], Result]:
+    """Start an endless run with 2 loader workers in its own process group, wait for its first logged
+    step, then send `signals` to the whole group `gap` seconds apart."""
+    def runner(env: Env, folder: Path) -> Result:
+        out = folder / "out"
+        command = [sys.executable, *launcher, "train.py", "configs/shapes.yaml", *TINY, "train.max_steps=100000",
+                   "train.checkpoint_every=100000", "data.num_workers=2", f"output_dir={out}", *extra]
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                                preexec_fn=as_from_a_terminal)
+        try:
+            while not (out / "metrics.csv").exists() and proc.poll() is None and time.perf_counter() - start < 150:
+                time.sleep(0.2)
+            time.sleep(0.5)
+            for number, sig in enumerate(signals):
+                if number:
+                    time.sleep(gap)
+                os.killpg(proc.pid, sig)
+            stdout, stderr = proc.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            return Result(None, stdout, stderr, time.perf_counter() - start)
+        status = proc.returncode
+        if launcher:  # torchrun reports the SIGTERM it got with its own traceback and exit 1: judge the ranks
+            stderr = stderr.split("Traceback (most recent call last):")[0] if "SignalException" in stderr else stderr
+            status = 128 + signal.SIGTERM if status == 1 and "interrupted by SIGTERM" in stdout + stderr else status
+        return Result(status, stdout, stderr, time.perf_counter() - start)
+    return runner
+
+
+def saved_checkpoint(env: Env, folder: Path, result: Result) -> str | None:
+    checkpoints = sorted((folder / "out" / "checkpoints").glob("step-*"))
+    if not checkpoints or not (checkpoints[-1] / "info.json").is_file():
+        return "no checkpoint was saved"
+    return None if "saved" in result.out else "it did not say what it saved"
+
+
+def stopped_or_saved(env: Env, folder: Path, result: Result) -> str | None:
+    """A second Ctrl-C stops at once (saying so) if it comes before the first one's save is done."""
+    if "stopped at once, without saving" in result.err:
+        return None
+    return saved_checkpoint(env, folder, result)
+
+
+def killed_then_resumed(env: Env, folder: Path) -> Result:
+    """SIGKILL a run after its first checkpoint, then `--resume auto`: it continues from that checkpoint."""
+    first = signalled((signal.SIGKILL,), (), 0.0, "train.checkpoint_every=2")(env, folder)
+    proc = subprocess.run([sys.executable, "train.py", "configs/shapes.yaml", *TINY, "train.max_steps=6",
+                           f"output_dir={folder / 'out'}", "--resume", "auto"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=150)
+    return Result(proc.returncode, proc.stdout, proc.stderr, first.seconds)
+
+
+# -- the demo (run as `hostile_inputs.py --demo-case NAME RUN FOLDER`) ----------------------------------------
+
+def run_demo_case(argv: list[str]) -> int:
+    """One demo request through diffusion.demos (backend and page helpers), as the page would make it;
+    a refusal prints `error: ...` and returns 2."""
+    name, run, folder = argv[0], argv[1], Path(argv[2])
+    from diffusion.demos import app
+    from diffusion.demos import backend as B
+
+    try:
+        if name.startswith("upload "):
+            B.read_upload(argv[3])
+            return 0
+        if name == "editor upload":
+            import gradio as gr
+            from gradio.components.image_editor import EditorData
+            from gradio.data_classes import FileData
+
+            editor = app.guard_uploads(gr.ImageEditor(type="pil", image_mode="RGBA"), gr)
+            try:
+                editor.preprocess(EditorData(background=FileData(path=argv[3]), layers=[], composite=None))
+            except gr.Error as err:
+                print(f"error: {err.message}", file=sys.stderr)
+                return 2
+            return 0
+        models = B.load_models(B.DemoPaths(run))
+        info = models.info()
+        fields = dict(label=0, prompt=None, negative=None, scale=3.0, sampler="ddim", steps=2, seed=0, count=1,
+                      classifier_scale=None, clip_scale=None, rescale=0, threshold=None, lo=None, hi=None)
+        fields.update(json.loads(argv[3]) if len(argv) > 3 else {})
+        request = app.request_from(info, *fields.values())
+        image = Image.new("RGB", (16, 12), (90, 90, 90))
+        if name.startswith("mask"):
+            size = tuple(json.loads(argv[4]))
+            mask = Image.new("L", size, 0)
+            mask.paste(255, (0, 0, size[0] // 2, size[1]))
+            B.inpaint(models, image, mask, request)
+        elif name.startswith("layer"):
+            layer = np.zeros((6, 8, 4), np.uint8)
+            layer[:, :4, 3] = 255
+            B.paint_mask_from_layers(image.size, [layer])
+        else:
+            B.generate(models, request)
+        return 0
+    except B.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def demo(name: str, words: str, fields: dict | None = None, *extra: str, status: int = 2) -> Case:
+    def argv(env: Env, folder: Path) -> list[str]:
+        files = env.root / "files"
+        return ["demo", name, str(env.run), str(folder), json.dumps(fields or {}), *(e.format(files=files) for e in extra)]
+    return Case("demo", name, argv, words, status)
+
+
+def upload(name: str, file: str, words: str, status: int = 2) -> Case:
+    def argv(env: Env, folder: Path) -> list[str]:
+        return ["demo", name, str(env.run), str(folder), str(env.file(file))]
+    return Case("demo", name, argv, words, status)
+
+
+# -- the cases ------------------------------------------------------------------------------------------------
+
+BELOW_RANGE = [  # (override, the key named)
+    *[(f"{key}=0", key) for key in (
+        "train.max_steps", "train.batch_size", "train.grad_accum", "train.log_every", "train.checkpoint_every",
+        "data.resolution", "model.base_channels", "model.layers_per_block", "model.attention_head_dim",
+        "sample.steps", "sample.num_samples", "model.embed_dim", "model.text.width", "model.text.layers",
+        "model.text.heads", "model.vision.width", "model.vision.layers", "model.vision.head_width",
+        "model.vision.patch_size", "inpaint.max_boxes", "inpaint.max_strokes", "inpaint.stroke_vertices",
+        "train.lr", "train.ema_power", "diffusion.num_train_timesteps", "data.shapes_size")],
+    *[(f"{key}=-1", key) for key in (
+        "data.num_workers", "train.warmup_steps", "train.sample_every", "train.keep_checkpoints", "train.weight_decay",
+        "train.grad_clip", "model.num_classes", "sample.guidance_scale", "data.subset_size", "inpaint.box",
+        "inpaint.all_known", "model.dropout", "train.seed", "data.shapes_seed", "train.lr")],
+    ("model.cond_drop_prob=1.5", "model.cond_drop_prob"), ("train.caption_word_drop=1", "train.caption_word_drop"),
+    ("train.ema_decay=2", "train.ema_decay"), ("data.subset_seed=8589934592", "data.subset_seed"),
+    ("train.seed=1099511627776", "train.seed"), ("diffusion.num_train_timesteps=1000000000", "diffusion.num_train_timesteps"),
+    ("data.shapes_size=1000000000000", "data.shapes_size"), ("model.text.context_length=2", "model.text.context_length"),
+    ("train.loss_spike=1", "train.loss_spike"), ("upsample.aug_level=2", "upsample.aug_level"),
+    ("sample.steps=5000", "sample.steps"), ("sample.steps=101", "sample.steps"),
+    ("model.layers_per_block=1000000", "model.layers_per_block"), ("model.attention_head_dim=1000000000", "model.attention_head_dim"),
+    ("model.base_channels=1000000000000", "model.base_channels"), ("model.channel_mult=[1,2,2,2,2,2,2,2,2,2,2,2,2]", "model.channel_mult"),
+]
+WRONG_KIND = [
+    ("train.max_steps=abc", "train.max_steps"), ("train.max_steps=1.5", "train.max_steps"), ("train.lr=abc", "train.lr"),
+    ("data.hflip=on", "true or false"), ("data.hflip=1", "data.hflip"), ("model.channel_mult=3", "model.channel_mult"),
+    ("model.channel_mult=[1,a]", "model.channel_mult"), ("sample.prompts=5", "sample.prompts"), ("train=5", "train"),
+    ("model=[1]", "model"), ("train.lr=nan", "train.lr"), ("train.lr=.inf", "train.lr"), ("train.grad_clip=.inf", "finite"),
+    ("sample.guidance_scale=.nan", "sample.guidance_scale"), ("upsample.aug_noise=[0,.nan]", "upsample.aug_noise"),
+    ("model.channel_mult=[]", "model.channel_mult"), ("model.channel_mult=[1,0]", "model.channel_mult"),
+    ("data.resolution=9", "data.resolution"), ("output_dir=", "output_dir"), ("init_from=", "init_from"),
+    ("data.root=\udcff\udcfe", "data.root"), ("train.max_steps=[1]", "train.max_steps"),
+]
+CHOICE_KEYS = ("task", "data.name", "model.condition", "model.pool", "diffusion.beta_schedule", "diffusion.prediction_type",
+               "train.mixed_precision", "train.compile_backend", "sample.sampler", "upsample.downsample", "upsample.upsample")
+OVERRIDES = [  # (override, words)
+    ("train.max_stepz=3", "train.max_steps"), ("trian.max_steps=3", "trian"), ("foo.bar=1", "foo"),
+    ("train.max_steps", "dotted.key=value"), ("=5", "unknown config key"), ("model.channel_mult=[1,2", "not valid YAML"),
+    ("train.lr=" + "9" * 100_000, "train.lr"), ("train..lr=1", "unknown config key"),
+]
+COMBINATIONS = [  # (overrides, words)
+    (("model.condition=text", "model.text.width=10", "model.text.heads=3"), "model.text.width"),
+    (("task=clip", "model.vision.patch_size=3"), "model.vision.patch_size"),
+    (("task=clip", "model.vision.width=10", "model.vision.head_width=4"), "model.vision.width"),
+    (("model.inpaint=true", "inpaint.box_size=[0.5,0.1]"), "inpaint.box_size"),
+    (("model.inpaint=true", "inpaint.all_known=0.8", "inpaint.all_unknown=0.5"), "inpaint.all_known"),
+    (("model.inpaint=true", "inpaint.box=0", "inpaint.strokes=0", "inpaint.half=0", "inpaint.border=0"), "mask-type weights"),
+    (("model.upsample=true", "upsample.factor=3"), "upsample.factor"),
+    (("model.upsample=true", "upsample.factor=2", "upsample.aug_noise=[0.5,0.1]"), "upsample.aug_noise"),
+    (("model.upsample=true", "model.inpaint=true"), "cannot both be on"),
+    (("model.condition=text", "model.text.layers=100000"), "model.text.layers"),
+    (("task=clip", "model.vision.layers=100000"), "model.vision.layers"),
+    (("model.condition=text", "model.text.width=1000000"), "model.text.width"),
+]
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9))
+
+CASES: list[Case] = [
+    *[config("config keys", override, key) for override, key in BELOW_RANGE],
+    *[config("config keys", override, words) for override, words in WRONG_KIND],
+    *[config("config keys", f"{key}=bogus", key) for key in CHOICE_KEYS],
+    *[config("config keys", override, words) for override, words in OVERRIDES],
+    *[Case("config keys", " ".join(overrides), train_argv(*overrides), words) for overrides, words in COMBINATIONS],
+    config_file("binary file", bytes(range(256)) * 8, "not a text file"),
+    config_file("YAML syntax error", "train:\n  lr: [0.1\n", "not valid YAML (line 3"),
+    config_file("duplicate key", "train:\n  lr: 0.1\n  lr: 0.2\n", "appears twice"),
+    config_file("alias bomb, 8 levels", ALIAS_BOMB.split("i: &i")[0] + "model:\n  channel_mult: *h\n", "alias bomb"),
+    config_file("alias bomb, 10 levels", ALIAS_BOMB + "model:\n  channel_mult: *j\n", "alias bomb"),
+    config_file("recursive alias", "model:\n  channel_mult: &a [1, *a]\n", "aliases"),
+    config_file("nested 100000 deep", "model:\n  channel_mult: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+    config_file("2 MB file", "# " + "x" * 2_100_000 + "\n", "characters long"),
+    config_file("a list, not a mapping", "- 1\n- 2\n", "must hold a mapping"),
+    config_file("NUL in a path", 'data:\n  root: "a\\0b"\n', "NUL"),
+    config_file("latin-1 text", "data:\n  root: caf\xe9\n".encode("latin-1"), "not a text file"),
+    config_file("a section that is a number", "model: 5\n", "must be a mapping"),
+    config_file("an integer key", "train:\n  1: 2\n", "unknown config key"),
+    Case("config file", "file not found", lambda env, folder: ["train", str(folder / "missing.yaml")], "not found"),
+    Case("config file", "a folder", lambda env, folder: ["train", str(folder)], "not found"),
+]
+
+CASES += [
+    config("memory", "data.resolution=100000", "needs at least"),
+    config("memory", "model.num_classes=1000000000000", "needs at least"),
+    config("memory", "train.batch_size=1000000000", "needs at least"),
+    Case("memory", "task=clip model.embed_dim=16384 model.vision.width=16384",
+         train_argv("model.embed_dim=16384", "model.vision.width=16384", "model.vision.head_width=64",
+                    "model.vision.layers=64", config="configs/clip_shapes.yaml"), "needs at least"),
+    Case("memory", "sample --num-samples 1000000000", sample_argv("--num-samples", "1000000000"), "needs at least"),
+    Case("memory", "sample --num-samples 10^13", sample_argv("--num-samples", "10000000000000"), "needs at least"),
+    Case("memory", "sample --batch-size 10^12 (one image: a batch of one)", sample_argv("--batch-size", "1000000000000"),
+         status=0, words=None),
+]
+
+CASES += [
+    Case("run folder", "second run in a finished run's folder",
+         lambda env, folder: ["train", "configs/shapes.yaml", *TINY, "train.max_steps=2", f"output_dir={folder / 'run'}"],
+         "already holds a run", prepare=lambda env, folder: env.copy_run(folder), check=unchanged_run, lost=True),
+    Case("run folder", "--overwrite moves the old run aside",
+         lambda env, folder: ["train", "configs/shapes.yaml", *TINY, "train.max_steps=1", f"output_dir={folder / 'run'}",
+                              "--overwrite"], status=0, prepare=lambda env, folder: env.copy_run(folder),
+         check=moved_aside, lost=True, quick=False),
+    Case("run folder", "--overwrite with --resume", resume_argv("--overwrite"), "give one of them",
+         prepare=lambda env, folder: env.copy_run(folder)),
+    config("run folder", "output_dir={files}/a_file", "is a file"),
+    config("run folder", "output_dir={files}/a_file/run", "which is a file"),
+    config("run folder", "output_dir=/proc/diffusion-run", "not writable"),
+    Case("run folder", "--resume auto in a new folder", resume_argv(), status=0, words=None, quick=False),
+    Case("run folder", "--resume auto with only final/", resume_argv(), "final/ but no checkpoint",
+         prepare=lambda env, folder: shutil.rmtree(env.copy_run(folder) / "checkpoints")),
+    Case("run folder", "--resume of a missing folder", resume_argv(resume="{run}/nowhere"), "not a checkpoint directory"),
+    Case("run folder", "--resume RUN/final", resume_argv(resume="{run}/final"), "holds only weights",
+         prepare=lambda env, folder: env.copy_run(folder)),
+    Case("run folder", "--resume auto after SIGKILL", runner=killed_then_resumed, status=0, words=None, check=resumed,
+         lost=True, quick=False, timeout=400),
+]
+
+RESUME = [  # (id, edit of the newest checkpoint, re-digest it, extra overrides, words)
+    ("digests emptied", keep_digests(0), False, (), "records no sha256"),
+    ("digests cut to one", keep_digests(1), False, (), "records no sha256 for"),
+    ("step 4 edited to 90", set_info(step=90), False, (), "says step 90"),
+    ("step not a number", set_info(step="x"), False, (), "not a whole number"),
+    ("class_names not a list", set_info(class_names=5), False, (), "class_names"),
+    ("info.json not JSON", write_file("info.json", b"{not json"), False, (), "cannot read"),
+    ("info.json removed", remove("info.json"), False, (), "has no info.json"),
+    ("config.yaml edited", replace_text("config.yaml", "v_prediction", "epsilon"), False, (), "sha256 mismatch in config.yaml"),
+    ("flipped byte in optimizer.bin", flip_byte("accelerate/optimizer.bin"), False, (), "sha256 mismatch in accelerate/optimizer.bin"),
+    ("flipped byte in ema.safetensors", flip_byte("ema.safetensors"), False, (), "sha256 mismatch in ema.safetensors"),
+    ("ema.json edited", replace_text("ema.json", '"optimization_step": 4', '"optimization_step": 9'), False, (), "ema.json"),
+    ("ema.json edited and re-digested", replace_text("ema.json", '"optimization_step": 4', '"optimization_step": 9'), True,
+     (), "EMA updates"),
+    ("info step and name edited, re-digested", set_info(step=2), True, (), "says step 2"),
+    ("unlisted file added", write_file("accelerate/notes.txt", b"hello"), False, (), "records no sha256 for accelerate/notes.txt"),
+    ("random_states_0.pkl removed", remove("accelerate/random_states_0.pkl"), False, (), "is missing"),
+    ("a pickle as optimizer.bin", write_file("accelerate/optimizer.bin", b"\x80\x04K\x01."), True, (), "not a torch.save archive"),
+    ("a bare pickle as model.safetensors", write_file("accelerate/model.safetensors", b"\x80\x04K\x01."), True, (),
+     "not a safetensors file"),
+    ("another model.base_channels", None, False, ("model.base_channels=8",), "model.base_channels=16 there but 8 here"),
+    ("another data.resolution", None, False, ("data.resolution=16",), "data.resolution=8 there but 16 here"),
+    ("another model.condition", None, False, ("model.condition=none",), "model.condition"),
+    ("another prediction_type", None, False, ("diffusion.prediction_type=epsilon",), "diffusion.prediction_type"),
+    ("another train.batch_size", None, False, ("train.batch_size=8",), "train.batch_size=4 there but 8 here"),
+    ("another train.grad_accum", None, False, ("train.grad_accum=2",), "train.grad_accum"),
+    ("another data.shapes_size", None, False, ("data.shapes_size=32",), "data.shapes_size"),
+]
+SAMPLE = [  # (id, edit of the newest checkpoint, re-digest it, words)
+    ("digests emptied", keep_digests(0), False, "records no sha256"),
+    ("digests cut to one", keep_digests(1), False, "records no sha256 for"),
+    ("step edited", set_info(step=90), False, "says step 90"),
+    ("config.yaml edited", replace_text("config.yaml", "v_prediction", "epsilon"), False, "sha256 mismatch in config.yaml"),
+    ("flipped byte in ema.safetensors", flip_byte("ema.safetensors"), False, "sha256 mismatch in ema.safetensors"),
+    ("info.json removed from the newest", remove("info.json"), False, "has no info.json"),
+    ("config.yaml not YAML", write_file("config.yaml", b"model: [1, 2\n"), True, "config.yaml is not valid YAML"),
+    ("ema.safetensors not safetensors", write_file("ema.safetensors", b"\x80\x04K\x01."), True, "cannot read weights"),
+]
+
+
+def nan_weights(checkpoint: Path, env: Env) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(checkpoint / "ema.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] * float("nan")
+    save_file(weights, str(checkpoint / "ema.safetensors"))
+
+
+CASES += [
+    *[Case("resume", name, resume_argv(*extra), words, prepare=edited_copy(edit, restamp) if edit else
+           (lambda env, folder: env.copy_run(folder)), quick=not extra) for name, edit, restamp, extra, words in RESUME],
+    Case("resume", "digests emptied, --trust-checkpoint", resume_argv("--trust-checkpoint"), status=0, words=None,
+         prepare=edited_copy(keep_digests(0)), check=resumed, quick=False),
+    *[Case("checkpoint", f"sample: {name}", sample_argv(checkpoint="{copy}"), words, prepare=edited_copy(edit, restamp))
+      for name, edit, restamp, words in SAMPLE],
+    Case("checkpoint", "sample: digests emptied, --trust-checkpoint", sample_argv("--trust-checkpoint", checkpoint="{copy}"),
+         status=0, words=None, prepare=edited_copy(keep_digests(0))),
+    Case("checkpoint", "sample: NaN weights (re-digested)", sample_argv(checkpoint="{copy}/" + STEP4), "non-finite",
+         prepare=edited_copy(nan_weights, True)),
+    Case("checkpoint", "sample: a run with no checkpoint", sample_argv(checkpoint="{folder}"), "neither a checkpoint"),
+    Case("checkpoint", "sample: --checkpoint a file", sample_argv(checkpoint="{files}/a_file"), "neither a checkpoint"),
+    Case("checkpoint", "sample: --checkpoint missing", sample_argv(checkpoint="{folder}/nowhere"), "checkpoint not found"),
+    Case("checkpoint", "evaluate: digests emptied",
+         lambda env, folder: ["evaluate", "classifier", "--checkpoint", str(folder / "run")], "records no sha256",
+         prepare=edited_copy(keep_digests(0))),
+]
+
+SAMPLE_FLAGS = [  # (flags, words)
+    (("--guidance-scale", "nan"), "--guidance-scale"), (("--guidance-scale", "inf"), "--guidance-scale"),
+    (("--guidance-scale", "-1"), "--guidance-scale"), (("--guidance-scale", "abc"), "--guidance-scale"),
+    (("--guidance-scale", "1e999"), "--guidance-scale"), (("--steps", "0"), "--steps"), (("--steps", "-1"), "--steps"),
+    (("--steps", "101"), "--steps 101"), (("--steps", "abc"), "--steps"), (("--num-samples", "0"), "--num-samples"),
+    (("--num-samples", "1.5"), "--num-samples"), (("--batch-size", "0"), "--batch-size"), (("--seed", "-1"), "--seed"),
+    (("--seed", str(2**70)), "--seed"), (("--sampler", "bogus"), "--sampler"), (("--class-label", "99"), "--class-label"),
+    (("--class-label", "-1"), "--class-label"), (("--device", "bogus"), "--device"), (("--device", "cuda:99"), "--device"),
+    (("--dtype", "fp8"), "--dtype"), (("--out", "{files}/a_file"), "is a file"), (("--prompt", "a red circle"), "--prompt"),
+    (("--prompts-file", "{folder}/missing.txt"), "--prompts-file"), (("--prompts-file", "{files}/binary.txt"), "binary.txt"),
+    (("--prompts-file", "{files}/empty.txt"), "no prompts"), (("--negative-prompt", "blue"), "--negative-prompt"),
+    (("--guidance-rescale", "2"), "--guidance-rescale"), (("--guidance-rescale", "nan"), "--guidance-rescale"),
+    (("--dynamic-threshold", "10"), "--dynamic-threshold"), (("--guidance-interval", "5", "1"), "--guidance-interval"),
+    (("--guidance-interval", "nan", "5"), "--guidance-interval"), (("--image", "{files}/image.png"), "--mask"),
+    (("--mask", "{files}/mask.png"), "--image"), (("--image", "{folder}/nowhere.png", "--mask", "{files}/mask.png"), "not found"),
+    (("--image", "{files}/corrupt.png", "--mask", "{files}/mask.png"), "corrupt.png"),
+    (("--image", "{files}/truncated.png", "--mask", "{files}/mask.png"), "truncated.png"),
+    (("--image", "{files}/fifo.png", "--mask", "{files}/mask.png"), "not a regular file"),
+    (("--image", "{files}/bomb.png", "--mask", "{files}/mask.png"), "bomb.png"),
+    (("--image", "{files}/image.png", "--mask", "{files}/half_mask.png"), "half_mask.png is 8x12 but --image"),
+    (("--image", "{files}/image.png", "--mask", "{files}/mask.png", "--inpaint-method", "bogus"), "--inpaint-method"),
+    (("--image", "{files}/image.png", "--mask", "{files}/mask.png", "--inpaint-method", "channels"), "channels"),
+    (("--low-res", "{files}/image.png"), "--low-res"), (("--classifier", "{folder}/nowhere"), "not found"),
+    (("--clip-scale", "nan"), "--clip-scale"), (("--aug-level", "2"), "--aug-level"), (("--bogus-flag",), "unrecognized"),
+    (("--upsampler", "{run}"), "upsampler"),
+]
+
+CASES += [
+    *[Case("sample flags", " ".join(flags), sample_argv(*flags), words) for flags, words in SAMPLE_FLAGS],
+    Case("sample flags", "no --checkpoint", lambda env, folder: ["sample"], "--checkpoint"),
+    Case("sample flags", "--out holds an earlier call's images", sample_argv(), "already holds 4 images",
+         prepare=lambda env, folder: stale_samples(env, folder)),
+    Case("sample flags", "--out holds an earlier call's images, --overwrite", sample_argv("--overwrite"), status=0,
+         words=None, prepare=lambda env, folder: stale_samples(env, folder), check=no_stale_samples),
+]
+
+FOLDER = ("data.name=imagefolder", "data.root={folder}/images", "train.batch_size=2")
+CASES += [
+    Case("data", "top-level images beside class folders", train_argv(*FOLDER), "top level",
+         prepare=lambda env, folder: image_folder(folder, {"a": 2, "b": 2}, top=6)),
+    Case("data", "an empty class folder", train_argv(*FOLDER, steps=1), status=0, words=None, check=class_count(2),
+         prepare=lambda env, folder: image_folder(folder, {"a": 2, "b": 2, "empty": 0}), quick=False),
+    Case("data", '"text": null in metadata.jsonl', train_argv(*FOLDER), "'text' must be strings",
+         prepare=lambda env, folder: (image_folder(folder, {"a": 4}) / "metadata.jsonl").write_text(
+             '{"file_name": "a/0.png", "text": null}\n')),
+    Case("data", "metadata.jsonl not JSON", train_argv(*FOLDER), "metadata.jsonl:1",
+         prepare=lambda env, folder: (image_folder(folder, {"a": 4}) / "metadata.jsonl").write_text("{oops\n")),
+    Case("data", "metadata.jsonl not UTF-8", train_argv(*FOLDER), "not UTF-8",
+         prepare=lambda env, folder: (image_folder(folder, {"a": 4}) / "metadata.jsonl").write_bytes(b'{"t": "\xff"}\n')),
+    Case("data", "a FIFO named fifo.png", train_argv(*FOLDER, steps=1), status=0, words=None, quick=False,
+         prepare=lambda env, folder: os.mkfifo(image_folder(folder, {"a": 4}) / "a" / "fifo.png")),
+    Case("data", "a symlink loop", train_argv(*FOLDER, steps=1), status=0, words=None, quick=False,
+         prepare=lambda env, folder: (image_folder(folder, {"a": 4}) / "a" / "loop").symlink_to(folder / "images")),
+    *[Case("data", f"{name}{' with 2 workers' if workers else ''}", train_argv(*FOLDER, f"data.num_workers={workers}"),
+           name, prepare=lambda env, folder, name=name: shutil.copy(env.file(name), image_folder(folder, {"a": 3}) / "a"),
+           quick=False)
+      for name in ("corrupt.png", "truncated.png", "bomb.png") for workers in (0, 2)],
+    Case("data", "no images", train_argv(*FOLDER), "no images", prepare=lambda env, folder: image_folder(folder, {})),
+    Case("data", "data.root missing", train_argv("data.name=imagefolder", "data.root={folder}/nowhere"), "not found"),
+    Case("data", "data.root a file", train_argv("data.name=imagefolder", "data.root={files}/a_file"), "not found"),
+    Case("data", "cifar10 offline, not there", train_argv("data.name=cifar10", "data.root={folder}", "data.download=false"),
+         "cifar"),
+    Case("data", "celeba not there", train_argv("data.name=celeba", "data.root={folder}"), "not found"),
+]
+
+CASES += [
+    Case("signals", "SIGTERM to the process group, 2 workers", runner=signalled((signal.SIGTERM,)), status=143,
+         words=None, check=saved_checkpoint, lost=True, quick=False, timeout=400),
+    Case("signals", "SIGTERM twice 10 ms apart", runner=signalled((signal.SIGTERM, signal.SIGTERM)), status=143,
+         words=None, check=saved_checkpoint, lost=True, quick=False, timeout=400),
+    Case("signals", "SIGHUP to the process group (terminal closed)", runner=signalled((signal.SIGHUP,)), status=129,
+         words=None, check=saved_checkpoint, lost=True, quick=False, timeout=400),
+    Case("signals", "SIGINT (Ctrl-C)", runner=signalled((signal.SIGINT,)), status=130, words=None,
+         check=saved_checkpoint, lost=True, quick=False, timeout=400),
+    Case("signals", "SIGINT twice 10 ms apart (stop at once, or saved already)",
+         runner=signalled((signal.SIGINT, signal.SIGINT)), status=130, words=None, check=stopped_or_saved,
+         quick=False, timeout=400),
+    Case("signals", "SIGTERM to torchrun's process group, 2 workers",
+         runner=signalled((signal.SIGTERM,), ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")),
+         status=143, words=None, check=saved_checkpoint, lost=True, quick=False, timeout=400),
+    Case("training", "lr=0.05 on the shapes quickstart (diverges without NaN)",
+         lambda env, folder: ["train", "configs/shapes.yaml", "train.lr=0.05", "train.max_steps=400", "train.sample_every=0",
+                              f"output_dir={folder / 'out'}"], status=3, words="loss rose", check=no_final,
+         quick=False, timeout=900),
+    Case("training", "lr=1e8 without clipping (NaN)", train_argv("train.lr=1e8", "train.grad_clip=0", "train.warmup_steps=0",
+         "train.checkpoint_every=1", steps=40), status=3, words="diverged", check=no_final, quick=False, timeout=300),
+]
+
+CASES += [
+    demo("guidance scale nan", "guidance scale", {"scale": float("nan")}),
+    demo("guidance scale inf", "guidance scale", {"scale": float("inf")}),
+    demo("guidance scale -1", "guidance scale", {"scale": -1}),
+    demo("steps nan", "steps", {"steps": float("nan")}),
+    demo("steps 0", "steps", {"steps": 0}),
+    demo("steps 2.5", "steps", {"steps": 2.5}),
+    demo("seed -1", "seed", {"seed": -1}),
+    demo("seed 1e30", "seed", {"seed": 1e30}),
+    demo("images 100", "number of images", {"count": 100}),
+    demo("rescale nan", "rescale", {"rescale": float("nan")}),
+    demo("threshold inf", "threshold", {"threshold": float("inf")}),
+    demo("interval nan", "guidance interval", {"lo": float("nan"), "hi": 5}),
+    demo("mask of another size", "the mask is 8x6 but the image is 16x12", {}, "[8, 6]"),
+    demo("mask of the image's size", "", {}, "[16, 12]", status=0),
+    demo("layer of another size", "mask layer is 8x6"),
+    upload("upload bomb", "bomb.png", "not an image PIL can read"),
+    upload("upload corrupt", "corrupt.png", "not an image PIL can read"),
+    upload("upload text file", "notes.txt", "not an image PIL can read"),
+    upload("editor upload", "bomb.png", "cannot be read"),
+]
+
+CODE = [  # (id, file of the newest checkpoint, shared file put there, words): none may run the pickle inside
+    ("a code-running pickle as optimizer.bin", "accelerate/optimizer.bin", "evil.bin", "not a torch.save archive"),
+    ("a code-running pickle as model.safetensors", "accelerate/model.safetensors", "evil.bin", "not a safetensors file"),
+    ("code in a torch.save archive as optimizer.bin", "accelerate/optimizer.bin", "evil_archive.bin", "cannot resume from"),
+    ("code in a torch.save archive as random_states_0.pkl", "accelerate/random_states_0.pkl", "evil_archive.bin",
+     "random_states_0.pkl is damaged"),
+]
+EVALUATE_FID = ("evaluate", "fid", "--samples", "{files}/images", "--reference", "{files}/images")
+
+
+def evaluate_argv(*args: str) -> Callable[[Env, Path], list[str]]:
+    def argv(env: Env, folder: Path) -> list[str]:
+        return [a.format(files=env.root / "files", folder=folder, run=env.run) for a in args]
+    return argv
+
+
+CASES += [
+    *[Case("hostile files", f"resume: {name}", resume_argv(), words, prepare=edited_copy(write_file(file, planted), True),
+           check=no_code_ran) for name, file, planted, words in CODE],
+    Case("hostile files", "sample: --clip-weights a code-running pickle",
+         sample_argv("--prompt", "a red circle", "--clip", "open_clip:{files}/tiny-clip.json", "--clip-weights",
+                     "{files}/evil.bin"), "cannot load CLIP weights", check=no_code_ran),
+    Case("hostile files", "evaluate fid: --inception-weights a code-running pickle",
+         evaluate_argv(*EVALUATE_FID, "--inception-weights", "{files}/evil.bin"), "refusing to load it", check=no_code_ran),
+    Case("hostile files", "evaluate fid: a .pt2 --feature-extractor that is not one",
+         evaluate_argv(*EVALUATE_FID, "--feature-extractor", "{files}/garbage.pt2"), "neither a TorchScript module"),
+    Case("evaluate", "an unknown evaluation", evaluate_argv("evaluate", "bogus"), "unknown evaluation"),
+    Case("evaluate", "fid: --samples missing", evaluate_argv("evaluate", "fid", "--samples", "{folder}/nowhere",
+                                                             "--reference", "{files}/images"), "nowhere"),
+    Case("evaluate", "fid: --samples holds no images", evaluate_argv("evaluate", "fid", "--samples", "{folder}",
+                                                                     "--reference", "{files}/images"),
+         None),  # offline, the missing Inception weights are named first (they are checked before any sampling)
+    Case("evaluate", "fid: --num-samples abc", evaluate_argv(*EVALUATE_FID, "--num-samples", "abc"), "--num-samples"),
+    Case("evaluate", "classifier: a denoiser checkpoint", evaluate_argv("evaluate", "classifier", "--checkpoint", "{run}"),
+         "classifier"),
+    config("run folder", "train.mixed_precision=fp16", "fp16", cpu_only=True),
+]
+
+CASES += [
+    Case("sample flags", "--prompt not UTF-8", sample_argv("--prompt", "a \udcff circle"), "--prompt is not valid UTF-8"),
+    Case("sample flags", "--image path not UTF-8", sample_argv("--image", "{folder}/\udcff.png", "--mask", "{files}/mask.png"),
+         "--image is not valid UTF-8"),
+    Case("sample flags", "--out not UTF-8", sample_argv("--out", "{folder}/\udcff"), "--out is not valid UTF-8"),
+    Case("sample flags", "--prompt of 100000 characters", sample_argv("--prompt", "word " * 20000), "--prompt needs"),
+]
