@@ -138,9 +138,23 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | cosine
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    """The formulation and its noise levels.
+
+    ddpm: timesteps 0..T-1 of a beta schedule; the network predicts eps or v.
+    edm: Karras et al. 2022; the network is preconditioned (sigma_data), trained on ln(sigma) ~
+    N(p_mean, p_std^2). sigma_min/sigma_max: the range sigma-space samplers (heun, euler) cover
+    (a ddpm model's own range clamps it) and edm guides are trained on.
+    """
+
+    formulation: str = "ddpm"  # ddpm | edm
+    num_train_timesteps: int = 1000  # ddpm
+    beta_schedule: str = "linear"  # ddpm: linear | cosine
+    prediction_type: str = "epsilon"  # ddpm: epsilon | v_prediction
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5  # edm
+    p_mean: float = -1.2  # edm
+    p_std: float = 1.2  # edm
 
 
 @dataclass
@@ -172,9 +186,14 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for the sample grids written during training (and for sample.py)."""
 
-    sampler: str = "ddim"  # ddpm | ddim | dpmsolver
-    steps: int = 50
+    sampler: str = "ddim"  # ddpm | ddim | dpmsolver | heun | euler
+    steps: int = 50  # heun: 2 * steps - 1 network evaluations
     guidance_scale: float = 3.0
+    rho: float = 7.0  # heun, euler: Karras' sigma spacing
+    churn: float = 0.0  # heun, euler: EDM's S_churn (0 = deterministic)
+    churn_min: float = 0.0  # S_tmin: churn only at sigma >= this
+    churn_max: float = 1000.0  # S_tmax: ... and <= this
+    churn_noise: float = 1.0  # S_noise
     num_samples: int = 16
     prompts: list[str] = field(default_factory=list)  # caption models: preview prompts (default: first batch's captions)
 
@@ -209,7 +228,8 @@ class UpsampleConfig:
     quantised to 8 bits, then interpolated back up (`upsample`) and concatenated to x_t. Noise
     augmentation: during training the upsampled low-res is noised to a level drawn uniformly from
     `aug_noise` (fractions of diffusion.num_train_timesteps; 0 = clean), with the model's own
-    alpha_bar table, and the model is told the level. `aug_level` is the sampling default, and so is
+    alpha_bar table, and the model is told the level; edm models give both in sigma (low + sigma n).
+    `aug_level` is the sampling default, and so is
     `consistency`: project every step's predicted x0 so that it downsamples to the low-res input.
     """
 
@@ -242,11 +262,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.celeba_captions": ("all", "class"),
     "model.condition": ("none", "class", "text"),
     "model.pool": ("attention", "mean"),
+    "diffusion.formulation": ("ddpm", "edm"),
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.prediction_type": ("epsilon", "v_prediction"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
-    "sample.sampler": ("ddpm", "ddim", "dpmsolver"),
+    "sample.sampler": ("ddpm", "ddim", "dpmsolver", "heun", "euler"),
     "upsample.downsample": ("area", "bicubic", "bilinear"),
     "upsample.upsample": ("bilinear", "bicubic", "nearest"),
 }
@@ -390,7 +411,9 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "data.num_workers", "train.warmup_steps", "train.sample_every", "train.keep_checkpoints",
         "train.weight_decay", "train.grad_clip", "model.num_classes", "sample.guidance_scale")},
     **{key: _FRACTION for key in ("model.cond_drop_prob", "train.caption_word_drop", "train.ema_decay", "model.dropout")},
-    **{key: _POSITIVE for key in ("train.lr", "train.ema_power")},
+    **{key: _POSITIVE for key in ("train.lr", "train.ema_power", "diffusion.sigma_min", "diffusion.sigma_data",
+                                  "diffusion.p_std", "sample.rho", "sample.churn_noise")},
+    **{key: _at_least(0) for key in ("sample.churn", "sample.churn_min")},
 }
 
 
@@ -418,6 +441,9 @@ def validate(cfg: Config) -> Config:
             f"data.resolution={res} is not divisible by 2^{len(mult) - 1} "
             "(one halving per extra model.channel_mult level)"
         )
+    if cfg.diffusion.sigma_max <= cfg.diffusion.sigma_min:
+        raise UserError(f"diffusion.sigma_max must be above diffusion.sigma_min; got {cfg.diffusion.sigma_max} "
+                        f"and {cfg.diffusion.sigma_min}")
     if cfg.model.upsample:
         check_upsample(cfg)
     return cfg
@@ -430,10 +456,12 @@ def check_upsample(cfg: Config) -> None:
         raise UserError("model.inpaint and model.upsample cannot both be on: train an in-painting model or an upsampler")
     if up.factor < 2 or cfg.data.resolution % up.factor:
         raise UserError(f"upsample.factor must be >= 2 and divide data.resolution={cfg.data.resolution}; got {up.factor}")
-    if len(up.aug_noise) != 2 or not 0.0 <= up.aug_noise[0] <= up.aug_noise[1] <= 1.0:
-        raise UserError(f"upsample.aug_noise must be [low, high] with 0 <= low <= high <= 1; got {up.aug_noise}")
-    if not 0.0 <= up.aug_level <= 1.0:
-        raise UserError(f"upsample.aug_level must be in [0, 1]; got {up.aug_level}")
+    top, unit = (math.inf, "sigma") if cfg.diffusion.formulation == "edm" else (1.0, "a fraction of the timesteps")
+    if len(up.aug_noise) != 2 or not 0.0 <= up.aug_noise[0] <= up.aug_noise[1] <= top:
+        raise UserError(f"upsample.aug_noise must be [low, high] with 0 <= low <= high <= {top:g} ({unit}); "
+                        f"got {up.aug_noise}")
+    if not 0.0 <= up.aug_level <= top:
+        raise UserError(f"upsample.aug_level must be in [0, {top:g}] ({unit}); got {up.aug_level}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -9,6 +9,9 @@ Caption runs take `prompt=["a red circle"]` instead of `class_labels`. Training 
 `from_pretrained` reads. Guidance
 follows the repository's convention: 0 = unconditional, 1 = conditional, above 1 = CFG. The
 sampler is DDIM (trailing spacing) from the run's training schedule; `scheduler=` may replace it.
+edm runs (diffusion.formulation: edm) load with diffusers' `EDMDPMSolverMultistepScheduler` (or
+`EDMEulerScheduler`): the U-Net is EDM's F, whose preconditioning (c_in, c_skip, c_out, with
+c_noise = ln(sigma) / 4 as the timestep) those schedulers apply themselves.
 This is a plain diffusers loop for users of that library; `sample.py` remains the reference
 sampler (seeds per image, every guidance kind, in-painting).
 """
@@ -18,7 +21,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, EDMDPMSolverMultistepScheduler, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .config import DiffusionConfig
 
 PIPELINE_CLASS = "GuidedDiffusionPipeline"
 
@@ -98,11 +104,22 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=result) if return_dict else (result,)
 
 
-def write_model_index(final_dir: Path, has_text_encoder: bool, unet_class: str) -> None:
+def export_scheduler(cfg: DiffusionConfig, train_scheduler: DDPMScheduler) -> SchedulerMixin:
+    """The scheduler saved with the export: the training DDPMScheduler (ddpm), or EDM's DPM-Solver++
+    over the run's sigma range and sigma_data (edm)."""
+    if cfg.formulation != "edm":
+        return train_scheduler
+    return EDMDPMSolverMultistepScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_data=cfg.sigma_data,
+                                          prediction_type="epsilon", final_sigmas_type="zero")
+
+
+def write_model_index(final_dir: Path, has_text_encoder: bool, unet_class: str, scheduler_class: str = "DDPMScheduler") -> None:
     """`final/model_index.json`, so `GuidedDiffusionPipeline.from_pretrained(final_dir)` loads it.
-    The scheduler is DDIM over the saved training schedule (its scheduler_config.json)."""
+    The scheduler is DDIM over the saved training schedule (its scheduler_config.json), or the saved
+    EDM scheduler of an edm run."""
+    sampler = scheduler_class if scheduler_class.startswith("EDM") else "DDIMScheduler"
     index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version(),
-             "unet": ["diffusers", unet_class], "scheduler": ["diffusers", "DDIMScheduler"]}
+             "unet": ["diffusers", unet_class], "scheduler": ["diffusers", sampler]}
     if has_text_encoder:
         index["text_encoder"] = ["diffusion.models.text", "TextEncoder"]
     (Path(final_dir) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

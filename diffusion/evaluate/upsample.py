@@ -34,7 +34,7 @@ from ..device import default_precision, pick_device
 from ..errors import UserError
 from ..io import atomic_write_text
 from ..sampling.images import save_grid, save_png
-from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
+from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan, sigma_options
 from ..sampling.samplers import SAMPLERS
 from .inpaint import held_out
 
@@ -93,8 +93,9 @@ def parse_levels(text: str) -> list[float]:
         levels = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--aug-levels must be comma-separated numbers in [0, 1]; got {text!r}") from None
-    if not levels or not all(0.0 <= v <= 1.0 for v in levels):
-        raise UserError(f"--aug-levels must be comma-separated fractions in [0, 1]; got {text!r}")
+    if not levels or not all(v >= 0.0 for v in levels):
+        raise UserError(f"--aug-levels must be comma-separated levels >= 0 (fractions in [0, 1]; sigmas for edm "
+                        f"models); got {text!r}")
     return levels
 
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     low = up.make_low_res(originals, cfg.upsample)
     res = cfg.data.resolution
     settings = SamplerSettings(args.sampler or cfg.sample.sampler, args.steps or cfg.sample.steps, args.guidance_scale,
-                               args.batch_size, default_precision(device))
+                               args.batch_size, default_precision(device), sigma_options(cfg.sample))
     out = Path(args.out)
     rows, shown = [], {}
 
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         add(name, "", results, time.perf_counter() - start, name, {"method": name})
     projections = {"both": (False, True), "on": (True,), "off": (False,)}[args.consistency]
     for fraction, project in ((f, p) for f in levels for p in projections):
-        level = up.level_index(fraction, loaded.schedule.num_train_timesteps)
+        level = up.aug_level(fraction, loaded.schedule)
         items = [SampleItem(seed=args.seed + i, low_res=low[i:i + 1], cond={**conds[i], **up.sampling_condition(
             low[i:i + 1], cfg, loaded.schedule, level, args.seed + i)}) for i in range(len(low))]
         plan = SamplingPlan(items, constraints=[up.consistency_constraint(cfg)] if project else [])
