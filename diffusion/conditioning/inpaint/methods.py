@@ -57,7 +57,7 @@ def check_method(method: str, cfg: Config, sampler: str) -> None:
                         "use replace or repaint with this one")
     if method == "repaint" and sampler not in REVISITING:
         raise UserError(f"--inpaint-method repaint goes back in time, which the {sampler} sampler cannot; "
-                        f"pass --sampler {' or '.join(REVISITING)}")
+                        "pass --sampler ddim (or ddpm, heun, euler)")
 
 
 def inpaint_condition(cfg: Config, image: torch.Tensor, keep: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
@@ -155,8 +155,8 @@ def repaint_loop(jump_length: int, jump_n_sample: int) -> Loop:
              progress: Progress | None = None) -> torch.Tensor:
         sampler = trajectory.sampler
         if not sampler.revisits:
-            raise UserError(f"repaint goes back in time, which the {sampler.name} sampler cannot: pass --sampler "
-                            f"{' or '.join(REVISITING)}")
+            raise UserError(f"repaint goes back in time, which the {sampler.name} sampler cannot: pass --sampler ddim "
+                            "(or ddpm, heun, euler)")
         steps = sampler.steps
         n = len(steps)
 
