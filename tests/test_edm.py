@@ -231,3 +231,38 @@ def test_the_edm_dpm_solver_visits_diffusers_sigmas_and_ends_on_the_data_point()
     noise, generators = seeded_noise(SHAPE, [0])
     out = sample_loop(lambda x, info: x0_to_epsilon(target, x, info.alpha_bar), Trajectory(EDM, sampler, generators), noise)
     assert float((out - target).abs().max()) < 1e-4
+
+
+def test_guides_of_another_schedule_read_the_same_noise_level():
+    """`time_map`: the identity for the same schedule; else the target's time of the same sigma."""
+    from diffusion.sampling.schedule import time_map
+
+    t = torch.tensor([0, 250, 999])
+    assert time_map(DDPM, DDPM)(t) is t
+    torch.testing.assert_close(time_map(DDPM, EDM)(t), DDPM.sigma(t).flatten())
+    sigma = torch.tensor([0.05, 1.0, 60.0])
+    back = time_map(EDM, DDPM)(sigma)
+    torch.testing.assert_close(DDPM.sigma(back).flatten(), sigma, rtol=1e-4, atol=0)
+    cosine = NoiseSchedule.from_config(DiffusionConfig(beta_schedule="cosine"))
+    mapped = time_map(DDPM, cosine)(t.float())
+    torch.testing.assert_close(cosine.sigma(mapped).flatten(), DDPM.sigma(t).flatten(), rtol=1e-4, atol=0)
+
+
+def test_upsampler_augmentation_is_given_in_sigma_on_edm():
+    from types import SimpleNamespace
+
+    from diffusion.conditioning import upsample as up
+    from diffusion.config import UpsampleConfig
+
+    low = torch.rand(64, 3, 4, 4) * 2 - 1
+    cfg = SimpleNamespace(upsample=UpsampleConfig(factor=2, aug_noise=[0.0, 0.5]), data=SimpleNamespace(resolution=8))
+    cond = up.training_condition(low, cfg, EDM)
+    sigma = (4 * cond["aug_level"]).exp()  # c_noise of sigma, floored at sigma_min
+    assert float(sigma.min()) >= 0.002 - 1e-6 and float(sigma.max()) <= 0.5 + 1e-6
+    noise = torch.randn(1, 3, 8, 8)
+    channels = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(up.augment(channels, torch.tensor([0.3]), EDM, noise), channels + 0.3 * noise)
+    assert torch.equal(up.augment(channels, torch.tensor([0.0]), EDM, noise), channels)
+    assert up.aug_level(0.3, EDM) == 0.3 and up.aug_level(0.25, DDPM) == 250
+    clean = up.sampling_condition(low[:1], cfg, EDM, 0.0, seed=0)["aug_level"]
+    assert float(clean) == pytest.approx(math.log(0.002) / 4)
