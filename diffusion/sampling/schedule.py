@@ -61,7 +61,7 @@ class Schedule(Protocol):
 
     formulation: str
     prediction_type: str
-    time_name: str  # what t means, for messages: "training timestep" or "sigma"
+    sampling_range: tuple[float, float]  # default (sigma_min, sigma_max) of Karras' levels
 
     @property
     def device(self) -> torch.device: ...
@@ -74,6 +74,8 @@ class Schedule(Protocol):
 
     def time_of(self, sigma: float) -> int | float: ...
 
+    def times_of(self, sigma: torch.Tensor) -> torch.Tensor: ...
+
     def sigma_limits(self) -> tuple[float, float]: ...
 
     def network_input(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -85,7 +87,6 @@ class NoiseSchedule:
     """alpha_bar_t for t = 0 .. T-1, plus alpha_bar = 1 at t = -1 (the clean image), on one device."""
 
     formulation = "ddpm"
-    time_name = "training timestep"
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
                  sampling_range: tuple[float, float] = (0.002, 80.0)):
@@ -177,7 +178,6 @@ class EDMSchedule:
 
     formulation = "edm"
     prediction_type = "edm"
-    time_name = "sigma"
 
     def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  p_mean: float = -1.2, p_std: float = 1.2, device: torch.device | str = "cpu"):
