@@ -1,6 +1,6 @@
 """Sample from a checkpoint: `python sample.py --checkpoint RUN_OR_CHECKPOINT [options]`.
 
-See `python sample.py --help` and the README for guidance, prompts and in-painting.
+See `python sample.py --help` and docs/sampling.md, docs/guidance.md, docs/inpainting.md and docs/upsampling.md.
 """
 from diffusion.cli.sample import main
 

@@ -2,6 +2,8 @@
 
 Runs on CPU, one GPU, or many with `accelerate launch train.py ...`.
 
+CPU threads: one per core, waiting passively; OMP_NUM_THREADS and OMP_WAIT_POLICY override (docs/training.md).
+
 Exit status: 0 when the run reached train.max_steps; 2 for bad input (one line says what); 130 or
 143 when Ctrl-C or SIGTERM stopped it after saving a checkpoint (128 + the signal number).
 """
@@ -11,20 +13,29 @@ import argparse
 
 from diffusion.config import load_config
 from diffusion.errors import exit_on_user_error
+from diffusion.threads import prefer_passive_waits, set_cpu_threads
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's arguments (parse them with `parse_intermixed_args`: overrides may follow --resume)."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config, e.g. configs/shapes.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=200 output_dir=runs/try")
+    parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a checkpoint directory")
+    return parser
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config, e.g. configs/shapes.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=200 output_dir=runs/try")
-    parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a checkpoint directory")
-    args = parser.parse_intermixed_args(argv)
+    prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
+    args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
 
     from diffusion.training.preflight import preflight
 
     preflight(cfg, args.resume)  # the cheap checks, before the slow imports below (Trainer repeats them)
+    set_cpu_threads()
     from diffusion.training.trainer import train
 
     train(cfg, resume=args.resume)

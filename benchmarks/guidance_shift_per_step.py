@@ -2,9 +2,10 @@
 little at t = 999 on the cosine schedule).
 
 For each step of a DDIM run guided by the noise-aware classifier, prints alpha_bar, the RMS of the
-classifier gradient g = grad log p(y | x_t), and the RMS shift of the predicted x0 and of x_{t_next}
-that the eps-form term s * g causes. On the cosine schedule alpha_bar(999) = 2.4e-9, so the first
-step's x0 shift is (1 - ab) / sqrt(ab) = 20,000 times s * g.
+classifier gradient g = grad log p(y | x_t), the RMS shift of the predicted x0 that the eps-form
+term s * g asks for, what is left of it once the guided x0 is clipped (the loop's order), and the
+shift of x_{t_next}. On the cosine schedule alpha_bar(999) = 2.4e-9, so the first step asks for an
+x0 shift of (1 - ab) / sqrt(ab) = 20,000 times s * g; the clip bounds it.
 
   python benchmarks/guidance_shift_per_step.py --uncond runs/shapes_uncond --classifier runs/classifier_shapes
 """
@@ -46,18 +47,21 @@ def main(argv: list[str] | None = None) -> None:
     term = gradient_term(lambda xt, t: clf.model.log_prob(xt, t, labels), args.scale)
     traj = Trajectory(den.schedule, build_sampler(den.schedule, "ddim", args.steps), gens)
     print(f"DDIM {args.steps}, classifier scale {args.scale:g}, {args.num_samples} samples (RMS over pixels)")
-    print(f"{'t':>4} {'alpha_bar':>9} {'|g|':>8} {'x0 shift':>9} {'x_next shift':>12}")
+    print(f"{'t':>4} {'alpha_bar':>9} {'|g|':>8} {'asked x0 shift':>14} {'x0 shift':>9} {'x_next shift':>12}")
     for step in traj.sampler.steps:
         info = traj.info(x, step)
-        eps = process_x0(model_fn(x, info), info, clip_x0)
-        guided = term(eps, info)
+        raw = model_fn(x, info)
+        asked = term(raw, info)
+        eps, guided = process_x0(raw, info, clip_x0), process_x0(asked, info, clip_x0)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             g = torch.autograd.grad(clf.model.log_prob(xg, info.t, labels).sum(), xg)[0]
         x0, x0g = epsilon_to_x0(eps, x, info.alpha_bar), epsilon_to_x0(guided, x, info.alpha_bar)
+        x0_asked = epsilon_to_x0(asked, x, info.alpha_bar) - epsilon_to_x0(raw, x, info.alpha_bar)
         plain = traj.sampler.update(x, x0, eps, step, info.alpha_bar, info.alpha_bar_next, gens)
         x_next = traj.sampler.update(x, x0g, guided, step, info.alpha_bar, info.alpha_bar_next, gens)
-        print(f"{step.t:>4} {float(info.alpha_bar[0]):>9.3g} {rms(g):>8.3g} {rms(x0g - x0):>9.3g} {rms(x_next - plain):>12.3g}")
+        print(f"{step.t:>4} {float(info.alpha_bar[0]):>9.3g} {rms(g):>8.3g} {rms(x0_asked):>14.3g} "
+              f"{rms(x0g - x0):>9.3g} {rms(x_next - plain):>12.3g}")
         x = x_next
 
 

@@ -5,6 +5,7 @@ import warnings
 
 import torch
 
+from .choices import PRECISIONS  # noqa: F401  (re-exported)
 from .errors import UserError
 
 
@@ -29,9 +30,6 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn
     up-sampling blocks (it is traced correctly; the warning repeats once per block otherwise)."""
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
     return torch.compile(model, backend=backend)
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def default_precision(device: torch.device) -> str:

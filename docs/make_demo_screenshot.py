@@ -1,4 +1,4 @@
-"""The README's pictures of the demo's In-paint and Upscale tabs, taken by headless Chromium.
+"""The pictures (docs/demo.md, the README) of the demo's In-paint and Upscale tabs, taken by headless Chromium.
 
   python docs/make_demo_screenshot.py --checkpoint runs/shapes [--class-name "red square"] [--out docs/demo_inpaint.png]
   python docs/make_demo_screenshot.py --checkpoint runs/shapes --upsampler runs/upsample_shapes --out docs/demo_upscale.png

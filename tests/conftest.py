@@ -6,7 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# OpenMP threads sleep instead of spinning while they wait, as the command lines do (diffusion/threads.py);
+# set before torch is imported. On a CPU shared with other jobs spinning made the suite several times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -20,6 +20,7 @@ def test_train_then_sample_through_the_clis(tmp_path):
     train = subprocess.run([sys.executable, "train.py", "configs/shapes.yaml", *TINY, "train.max_steps=2",
                             f"output_dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-2000:]
+    assert "training on cpu with" in train.stdout and "CPU threads" in train.stdout, train.stdout  # the log says how
     sample = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(run), "--class-label", "2",
                              "--guidance-scale", "3", "--num-samples", "4", "--sampler", "ddim", "--steps", "5",
                              "--seed", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -52,6 +53,35 @@ def test_same_seed_same_images_and_each_sample_regenerates_alone(tiny_run, tmp_p
 def test_bad_sampling_input_is_refused(tiny_run, tmp_path, args, words):
     with pytest.raises(UserError, match=words):
         sample_main.__wrapped__(["--checkpoint", str(tiny_run), "--out", str(tmp_path), *args])
+
+
+def imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run a command under `python -X importtime` and return it with the top-level packages it imported."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    names = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "import time:" in line}
+    return proc, names
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["sample.py", "--help"], 0), (["sample.py", "--checkpoint", "no/such/run"], 2), (["train.py", "--help"], 0)])
+def test_help_and_a_missing_checkpoint_answer_without_importing_torch(argv, status):
+    """The front door answers at once: argparse first, torch (2-3 s to import) only when there is work."""
+    proc, names = imported_modules(*argv)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert not names & {"torch", "diffusers", "open_clip", "numpy"}, sorted(names & {"torch", "diffusers", "numpy"})
+    if status == 2:
+        assert proc.stderr.strip().splitlines()[-1] == "error: checkpoint not found: no/such/run"
+
+
+def test_cgroup_quota_caps_cpu_threads(tmp_path):
+    from diffusion.threads import cgroup_cpus
+
+    quota = tmp_path / "cpu.max"
+    for text, cpus in (("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2), ("50000 100000", 1)):
+        quota.write_text(text)
+        assert cgroup_cpus(quota) == cpus
+    assert cgroup_cpus(tmp_path / "missing") is None
 
 
 def test_missing_checkpoint_exits_2_with_one_line(tmp_path):

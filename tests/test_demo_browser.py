@@ -5,6 +5,7 @@ Needs the Debian `chromium` package (`apt-get install -y chromium`; Playwright d
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import socket
@@ -15,12 +16,20 @@ import pytest
 from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium to run the browser tests", allow_module_level=True)
-pytest.importorskip("gradio", reason='the demo needs gradio: pip install -e ".[dev]"')
-sync_api = pytest.importorskip("playwright.sync_api", reason='the browser tests need playwright: pip install -e ".[dev]"')
 
-pytestmark = pytest.mark.browser
+
+def missing() -> str | None:
+    """Why the browser tests cannot run here, or None. Each test is then skipped with this reason."""
+    if not CHROMIUM.exists():
+        return (f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium as root, "
+                "else with sudo) to run the browser tests")
+    for module, why in (("gradio", "the demo needs gradio"), ("playwright", "the browser tests need playwright")):
+        if importlib.util.find_spec(module) is None:
+            return f'{why}: pip install -e ".[dev]"'
+    return None
+
+
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
 SIDE = 256  # uploaded image side; the tiny model works at 8x8, so one model pixel is 32x32 here
 
 
@@ -45,6 +54,8 @@ def app(tiny_run, up_run):
 
 @pytest.fixture(scope="module")
 def browser():
+    from playwright import sync_api
+
     with sync_api.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         yield chromium

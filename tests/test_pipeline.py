@@ -1,11 +1,66 @@
-"""RUN/final loads as a diffusers DiffusionPipeline that samples with class or caption CFG."""
+"""RUN/final loads as a diffusers DiffusionPipeline that samples with class or caption CFG, exactly as
+sample.py does (same code, same per-sample seeds), also from runs exported before that was so."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 from diffusion.pipeline import GuidedDiffusionPipeline
+from diffusion.cli.sample import main as sample_main
 from tests.conftest import tiny_config
+
+
+def sample_py(run, out, *argv: str) -> list[np.ndarray]:
+    """The PNGs `sample.py` writes for `argv`, as uint8 arrays."""
+    folder = sample_main.__wrapped__(["--checkpoint", str(run), "--out", str(out), *argv])
+    return [np.asarray(Image.open(f).convert("RGB")) for f in sorted(folder.glob("sample_*.png"))]
+
+
+def pixels(images) -> list[np.ndarray]:
+    return [np.asarray(image) for image in images]
+
+
+def test_pipeline_draws_what_sample_py_draws(tiny_run, tmp_path):
+    """Pixel for pixel (uint8, CPU, fp32): the pipeline runs sample.py's own loop (x0 clipped and eps
+    re-derived from it, trailing timesteps) on the same EMA weights with the same per-sample noise, so
+    no tolerance is needed. 3 steps of a 100-step schedule: t = 99, 66, 32, which diffusers' DDIM step
+    (t - T // n) would not visit in that order; and x0 leaves [-1, 1] at t = 99, so clipping matters."""
+    pipe = GuidedDiffusionPipeline.from_pretrained(tiny_run / "final")
+    pipe.set_progress_bar_config(disable=True)
+    for scale in (3.0, 0.0):
+        expected = sample_py(tiny_run, tmp_path / f"s{scale}", "--class-label", "2", "--guidance-scale", str(scale),
+                             "--sampler", "ddim", "--steps", "3", "--num-samples", "4", "--seed", "5")
+        got = pixels(pipe(class_labels=[2] * 4, guidance_scale=scale, num_inference_steps=3, seed=5).images)
+        assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, expected)), scale
+    # one generator per sample, seeded as sample.py seeds them, is the same as seed=
+    generators = [torch.Generator().manual_seed(5 + i) for i in range(4)]
+    assert all(np.array_equal(a, b) for a, b in zip(
+        pixels(pipe(class_labels=[2] * 4, guidance_scale=0.0, num_inference_steps=3, generator=generators).images),
+        expected))
+    dpm = sample_py(tiny_run, tmp_path / "dpm", "--class-label", "7", "--guidance-scale", "2", "--sampler", "dpmsolver",
+                    "--steps", "4", "--num-samples", "2", "--seed", "0")
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(pipe(
+        class_labels=[7, 7], guidance_scale=2.0, num_inference_steps=4, seed=0, sampler="dpmsolver").images), dpm))
+
+
+def test_runs_exported_before_the_fix_sample_the_same(tiny_run, tmp_path):
+    """Old exports saved the DDPM training scheduler as it was: clip_sample true, "leading" spacing.
+    The pipeline reads only the schedule from it, so those settings change nothing."""
+    old = tmp_path / "final"
+    shutil.copytree(tiny_run / "final", old)
+    config_file = old / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["timestep_spacing"] == "trailing"  # what exports write now
+    config.update(clip_sample=True, timestep_spacing="leading")
+    config_file.write_text(json.dumps(config))
+    draw = dict(class_labels=[2, 2], guidance_scale=3.0, num_inference_steps=3, seed=1, output_type="pt")
+    new_images = GuidedDiffusionPipeline.from_pretrained(tiny_run / "final")(**draw).images
+    old_images = GuidedDiffusionPipeline.from_pretrained(old)(**draw).images
+    assert torch.equal(new_images, old_images)
 
 
 def test_class_run_final_is_a_pipeline(tiny_run):
@@ -41,3 +96,7 @@ def test_caption_run_final_is_a_pipeline(tmp_path):
     out = pipe(prompt=["a red circle", "a blue square"], guidance_scale=3.0, num_inference_steps=2,
                generator=torch.Generator().manual_seed(1), output_type="np").images
     assert out.shape == (2, 8, 8, 3) and np.isfinite(out).all()
+    expected = sample_py(tmp_path, tmp_path / "s", "--prompt", "a red circle", "--guidance-scale", "3", "--sampler", "ddim",
+                         "--steps", "3", "--num-samples", "2", "--seed", "4")
+    got = pixels(pipe(prompt=["a red circle"] * 2, guidance_scale=3.0, num_inference_steps=3, seed=4).images)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))

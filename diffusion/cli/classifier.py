@@ -1,8 +1,8 @@
 """sample.py feature: classifier guidance with a noise-aware classifier (`--classifier C`).
 
-The math is in `diffusion.conditioning.classifier`: eps - s * sqrt(1 - alpha_bar_t) * grad after x0
-is clipped, so DDPM, DDIM and DPM-Solver++ all honour it; with the DDPM sampler `--guidance-form mean`
-applies the paper's posterior-mean shift mu + s * Sigma * grad instead. Works with unconditional
+The math is in `diffusion.conditioning.classifier`: eps - s * sqrt(1 - alpha_bar_t) * grad, then the
+guided x0 is clipped, so DDPM, DDIM and DPM-Solver++ all honour it alike; with the DDPM sampler
+`--guidance-form mean` applies the paper's posterior-mean shift mu + s * Sigma * grad instead. Works with unconditional
 denoisers (y from --class-label, or every class in turn) and on top of classifier-free guidance for
 class-conditional ones.
 """
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..checkpoints.load import LoadedModel, load_model
-from ..conditioning.classifier import FORMS, check_compatible, check_form, class_name, classifier_terms
+from ..choices import GUIDANCE_FORMS as FORMS
 from ..errors import UserError
-from ..sampling.plan import SamplingPlan
+
+if TYPE_CHECKING:  # the rest is imported where it is used, so that building the parser needs no torch
+    from ..checkpoints.load import LoadedModel
+    from ..sampling.plan import SamplingPlan
 
 # ADM used 10 for unconditional denoisers; on shapes 8 gave 0.825 and 16 gave 0.933. Sweep it per model.
 DEFAULT_SCALE = 10.0
@@ -42,6 +45,9 @@ class ClassifierGuidanceFeature:
             if getattr(args, "guidance_form", "eps") != "eps" and not getattr(args, "clip", None):
                 raise UserError("--guidance-form applies to gradient guidance: add --classifier CHECKPOINT (or --clip)")
             return None
+        from ..checkpoints.load import load_model
+        from ..conditioning.classifier import check_compatible
+
         device = loaded.device
         key = (str(Path(args.classifier).resolve()), str(device))
         if key not in self._loaded:
@@ -55,6 +61,8 @@ class ClassifierGuidanceFeature:
         classifier = self.classifier(args, loaded)
         if classifier is None:
             return variants
+        from ..conditioning.classifier import class_name
+
         n = classifier.cfg.model.num_classes
         if args.class_label is not None and not 0 <= args.class_label < n:
             raise UserError(f"--class-label {args.class_label} is out of range: the classifier has classes 0..{n - 1}")
@@ -73,6 +81,8 @@ class ClassifierGuidanceFeature:
         classifier = self.classifier(args, loaded)
         if classifier is None:
             return
+        from ..conditioning.classifier import check_form, classifier_terms
+
         scale = DEFAULT_SCALE if args.classifier_scale is None else args.classifier_scale
         if scale < 0:
             raise UserError(f"--classifier-scale must be >= 0 (0 = unguided), got {scale}")

@@ -11,21 +11,26 @@ caption-conditioned denoisers, on top of classifier-free guidance.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..checkpoints.load import LoadedModel, load_model
-from ..conditioning.classifier import check_form
-from ..conditioning.clip import CleanGuide, NoiseAwareGuide, load_open_clip
 from ..errors import UserError
-from ..sampling.guidance import GuidanceTerm
-from ..sampling.plan import SampleItem, SamplingPlan
+
+if TYPE_CHECKING:  # the rest is imported where it is used, so that building the parser needs no torch
+    import torch
+
+    from ..checkpoints.load import LoadedModel
+    from ..conditioning.clip import CleanGuide, NoiseAwareGuide
+    from ..sampling.guidance import GuidanceTerm
+    from ..sampling.plan import SampleItem, SamplingPlan
 
 PRETRAINED_PREFIX = "open_clip:"
 DEFAULT_SCALE = 10.0  # the best measured on shapes (noise-aware CLIP, DDPM mean form); sweep it per model
 
 
 def load_guide(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> NoiseAwareGuide | CleanGuide:
+    from ..checkpoints.load import load_model
+    from ..conditioning.clip import CleanGuide, NoiseAwareGuide, load_open_clip
+
     spec = args.clip
     if spec.startswith(PRETRAINED_PREFIX):
         model, tokenizer = load_open_clip(spec[len(PRETRAINED_PREFIX):], args.clip_weights, device)
@@ -81,6 +86,10 @@ class ClipGuidance:
             raise UserError("--clip-scale and --clip-cutouts must be >= 0 (scale 0 = unguided)")
         if any(not item.prompt for item in plan.items):
             raise UserError("--clip needs --prompt TEXT: the text that CLIP guidance steers toward")
+        import torch
+
+        from ..conditioning.classifier import check_form
+
         form = getattr(args, "guidance_form", "eps")
         check_form(form, args.sampler or loaded.cfg.sample.sampler)
         guide = self.guide(args, loaded)

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..checkpoints.load import LoadedModel
-from ..conditioning.inpaint import files, methods
+from ..choices import INPAINT_METHODS
 from ..errors import UserError
-from ..sampling.images import save_png
-from ..sampling.plan import KnownPixels, SampleItem, SamplingPlan
+
+if TYPE_CHECKING:  # the rest is imported where it is used, so that building the parser needs no torch
+    import torch
+
+    from ..checkpoints.load import LoadedModel
+    from ..sampling.plan import SampleItem, SamplingPlan
 
 
 class InpaintFeature:
@@ -27,7 +29,7 @@ class InpaintFeature:
         group.add_argument("--image", default=None, help="image to in-paint (resized and centre-cropped to the model)")
         group.add_argument("--mask", default=None, help="mask file: white = region to generate, black = keep")
         group.add_argument("--invert-mask", action="store_true", help="the mask file marks what to keep in white")
-        group.add_argument("--inpaint-method", choices=methods.METHODS, default=None,
+        group.add_argument("--inpaint-method", choices=INPAINT_METHODS, default=None,
                            help="channels (in-painting checkpoints, their default), replace (default otherwise) "
                                 "or repaint (replace plus RePaint's resampling jumps)")
         group.add_argument("--jump-length", type=int, default=5, help="repaint: steps per jump back in time")
@@ -35,11 +37,16 @@ class InpaintFeature:
                            help="repaint: times each stretch is denoised (1 = no jumps, plain replace)")
 
     def method(self, args: argparse.Namespace, loaded: LoadedModel) -> str:
+        from ..conditioning.inpaint import methods
+
         method = args.inpaint_method or methods.default_method(loaded.cfg)
         methods.check_method(method, loaded.cfg, args.sampler or loaded.cfg.sample.sampler)
         return method
 
     def variants(self, args, loaded, variants):
+        from ..conditioning.inpaint import files, methods
+        from ..sampling.plan import KnownPixels
+
         if args.image is None:
             if args.mask is not None or args.inpaint_method is not None or args.invert_mask:
                 raise UserError("--mask, --invert-mask and --inpaint-method need --image IMAGE")
@@ -66,6 +73,9 @@ class InpaintFeature:
     def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
         if args.image is None:
             return
+        from ..conditioning.inpaint import files, methods
+        from ..sampling.images import save_png
+
         methods.add_to_plan(plan, self.method(args, loaded), args.jump_length, args.jump_n_sample)
         position = {id(item): index for index, item in enumerate(plan.items)}
         out = Path(args.out)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..checkpoints.load import LoadedModel
 from ..errors import UserError
-from ..models.text import token_count
-from ..sampling.guidance import CFGOptions
-from ..sampling.plan import SamplingPlan
+
+if TYPE_CHECKING:  # the rest is imported where it is used, so that building the parser needs no torch
+    from ..checkpoints.load import LoadedModel
+    from ..sampling.guidance import CFGOptions
+    from ..sampling.plan import SamplingPlan
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -38,6 +40,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def warn_if_cut(prompt: str, context_length: int) -> None:
+    from ..models.text import token_count
+
     count = token_count(prompt)
     if count > context_length:
         print(f"warning: prompt '{prompt}' has {count} tokens, more than the model's context length of "
@@ -49,8 +53,10 @@ def is_text_model(loaded: LoadedModel) -> bool:
 
 
 def cfg_options(args: argparse.Namespace, num_train_timesteps: int | None) -> CFGOptions:
-    """`num_train_timesteps` None: an edm model, whose interval is in sigma."""
-    """Check the CFG refinement flags and turn them into the plan's CFGOptions."""
+    """Check the CFG refinement flags and turn them into the plan's CFGOptions (`num_train_timesteps`
+    None: an edm model, whose guidance interval is in sigma)."""
+    from ..sampling.guidance import CFGOptions
+
     options = CFGOptions()
     if args.guidance_rescale is not None:
         if not 0.0 <= args.guidance_rescale <= 1.0:

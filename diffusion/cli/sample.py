@@ -6,22 +6,26 @@ options, turns the sample templates into more specific ones, then adds guidance 
 finishers to the plan. `FEATURES` lists them in the order they run: a later feature sees what an
 earlier one chose (classifier guidance keeps a class-conditional model's label; CLIP guidance needs
 the prompts read before it).
+
+The parser is built without importing torch (the feature modules import it inside their
+functions), so `sample.py --help` and a missing checkpoint answer at once.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from ..checkpoints.load import LoadedModel, load_model
-from ..device import PRECISIONS, default_precision, pick_device, prepare_for_sampling
+from ..choices import PRECISIONS, SAMPLERS
 from ..errors import UserError, exit_on_user_error
-from ..sampling.images import save_grid, save_png
-from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan, sigma_options
-from ..sampling.samplers import SAMPLERS
+from ..threads import prefer_passive_waits, set_cpu_threads
 from . import classifier, clip, inpaint, prompts, upsample
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..checkpoints.load import LoadedModel
+    from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan
 
 
 class Feature(Protocol):
@@ -42,6 +46,8 @@ class ClassLabel:
                             help="class index for a class-conditional model (default: cycle through classes)")
 
     def variants(self, args, loaded, variants):
+        import torch
+
         model = loaded.model
         if getattr(model, "condition", "none") != "class":
             if args.class_label is not None and not getattr(args, "classifier", None):
@@ -119,6 +125,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def sampler_settings(args: argparse.Namespace, loaded: LoadedModel) -> SamplerSettings:
     """The command line's sampler, steps, scale, batch size and precision, defaulting to the run's config."""
+    from ..device import default_precision
+    from ..sampling.plan import SamplerSettings, sigma_options
+
     sampler = args.sampler or loaded.cfg.sample.sampler
     steps = args.steps or (1000 if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
     scale = loaded.cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
@@ -131,6 +140,8 @@ def sampler_settings(args: argparse.Namespace, loaded: LoadedModel) -> SamplerSe
 
 def make_plan(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[Feature],
               settings: SamplerSettings) -> SamplingPlan:
+    from ..sampling.plan import SampleItem, SamplingPlan
+
     variants = [SampleItem(seed=0)]
     for feature in feature_list:
         variants = feature.variants(args, loaded, variants)
@@ -147,6 +158,9 @@ def make_plan(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[
 
 
 def load_denoiser(path: str, device: torch.device) -> LoadedModel:
+    from ..checkpoints.load import load_model
+    from ..device import prepare_for_sampling
+
     loaded = load_model(path, device)
     if loaded.cfg.task != "denoiser":
         raise UserError(f"{path} is a {loaded.cfg.task} checkpoint; --checkpoint needs a denoiser")
@@ -156,9 +170,17 @@ def load_denoiser(path: str, device: torch.device) -> LoadedModel:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
+    prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
     feature_list = features()
     args = build_parser(feature_list).parse_args(argv)
     check_args(args)
+    if not Path(args.checkpoint).exists():  # before the slow imports (load_model would say the same)
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    set_cpu_threads()
+    from ..device import pick_device
+    from ..sampling.images import save_grid, save_png
+    from ..sampling.plan import run_plan
+
     loaded = load_denoiser(args.checkpoint, pick_device(args.device))
     settings = sampler_settings(args, loaded)
     plan = make_plan(args, loaded, feature_list, settings)

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..checkpoints.load import LoadedModel, load_model
-from ..conditioning import upsample as up
-from ..data.common import image_transform, load_rgb
-from ..device import default_precision, prepare_for_sampling
+from ..choices import SAMPLERS
 from ..errors import UserError
-from ..sampling.images import save_png
-from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan, sigma_options
-from ..sampling.samplers import SAMPLERS
+
+if TYPE_CHECKING:  # the rest is imported where it is used, so that building the parser needs no torch
+    import torch
+
+    from ..checkpoints.load import LoadedModel
+    from ..sampling.plan import SampleItem, SamplingPlan
 
 
 def is_upsampler(loaded: LoadedModel) -> bool:
@@ -36,6 +35,9 @@ def is_upsampler(loaded: LoadedModel) -> bool:
 
 def load_low_res(path: str | Path, resolution: int) -> torch.Tensor:
     """(1, 3, r, r) in [-1, 1]: any image PIL reads (RGBA and odd sizes too), resized and centre-cropped."""
+    from ..conditioning import upsample as up
+    from ..data.common import image_transform, load_rgb
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--low-res not found: {path}")
@@ -47,6 +49,9 @@ def load_low_res(path: str | Path, resolution: int) -> torch.Tensor:
 
 
 def aug_level(args: argparse.Namespace, loaded: LoadedModel) -> int | float:
+    """The integer level of a fraction of the timesteps (ddpm), or a sigma (edm)."""
+    from ..conditioning import upsample as up
+
     value = loaded.cfg.upsample.aug_level if args.aug_level is None else args.aug_level
     if loaded.schedule.formulation != "edm" and not 0.0 <= value <= 1.0:
         raise UserError(f"--aug-level is a fraction of the training timesteps in [0, 1] (0 = clean); got {value}")
@@ -59,6 +64,8 @@ def consistency(args: argparse.Namespace, loaded: LoadedModel) -> bool:
 
 def stage_condition(item: SampleItem, upsampler: LoadedModel) -> dict[str, torch.Tensor]:
     """The upsampler's own class or caption condition for a base item (its label or prompt)."""
+    import torch
+
     model = upsampler.model
     condition = getattr(model, "condition", "none")
     if condition == "class":
@@ -71,6 +78,9 @@ def stage_condition(item: SampleItem, upsampler: LoadedModel) -> dict[str, torch
 
 def upsample_items(low: torch.Tensor, items: list[SampleItem], upsampler: LoadedModel, level: int) -> list[SampleItem]:
     """Upsampler items for low-res images (N, 3, r, r): same seeds, labels and prompts as `items`."""
+    from ..conditioning import upsample as up
+    from ..sampling.plan import SampleItem
+
     cfg, schedule = upsampler.cfg, upsampler.schedule
     out = []
     for image, item in zip(low, items):
@@ -83,6 +93,8 @@ def upsample_items(low: torch.Tensor, items: list[SampleItem], upsampler: Loaded
 
 def check_chain(base: LoadedModel, upsampler: LoadedModel, path: str) -> None:
     """Refuse an upsampler whose low resolution is not the base's resolution, or one that is not an upsampler."""
+    from ..conditioning import upsample as up
+
     if not is_upsampler(upsampler):
         raise UserError(f"--upsampler {path} is not an upsampler (its config has model.upsample: false)")
     low, res = up.low_resolution(upsampler.cfg), base.cfg.data.resolution
@@ -128,6 +140,8 @@ class UpsampleFeature:
             raise UserError("--checkpoint is an upsampler: give the base model as --checkpoint and this one as --upsampler")
         if args.low_res is None:
             raise UserError("this checkpoint is an upsampler: pass --low-res IMAGE, or use it as --upsampler of a base")
+        from ..conditioning import upsample as up
+
         self.low = load_low_res(args.low_res, up.low_resolution(loaded.cfg))  # conditions: see extend
         meta = {"low_res": str(args.low_res), "aug_level": str(aug_level(args, loaded)),
                 "consistency": str(consistency(args, loaded))}
@@ -142,6 +156,9 @@ class UpsampleFeature:
             self._cascade(args, loaded, plan, out, position)
 
     def _beside_low_res(self, args, loaded, plan, out: Path, position: dict[int, int]) -> None:
+        from ..conditioning import upsample as up
+        from ..sampling.images import save_png
+
         level, low = aug_level(args, loaded), self.low
         for item in plan.items:  # the augmentation noise follows each sample's seed
             item.cond.update(up.sampling_condition(low, loaded.cfg, loaded.schedule, level, item.seed))
@@ -160,6 +177,12 @@ class UpsampleFeature:
         plan.finishers.append(write_baselines)
 
     def _cascade(self, args, loaded, plan, out: Path, position: dict[int, int]) -> None:
+        from ..checkpoints.load import load_model
+        from ..conditioning import upsample as up
+        from ..device import default_precision, prepare_for_sampling
+        from ..sampling.images import save_png
+        from ..sampling.plan import SamplerSettings, SamplingPlan, run_plan, sigma_options
+
         upsampler = load_model(args.upsampler, loaded.device)
         if upsampler.cfg.task != "denoiser":
             raise UserError(f"--upsampler {args.upsampler} is a {upsampler.cfg.task} checkpoint, not an upsampler")

@@ -1,9 +1,9 @@
 """Classifier guidance (Dhariwal & Nichol 2021) with a noise-aware classifier trained on x_t.
 
-The gradient of log p(y | x_t, t) enters through the noise prediction after x0 is clipped
-(`sampling.guidance.shift_eps`): eps - s * sqrt(1 - ab) * g for every sampler, or the DDPM
-posterior-mean shift mu + s * Sigma * g with form "mean". The classifier reads the very x_t and t
-the denoiser reads at that step.
+The gradient of log p(y | x_t, t) enters through the noise prediction (`sampling.guidance.shift_eps`):
+eps - s * sqrt(1 - ab) * g for every sampler, or the DDPM posterior-mean shift mu + s * Sigma * g with
+form "mean"; the guided x0 is then clipped like any other (see `sampling.guidance`). The classifier
+reads the very x_t and t the denoiser reads at that step.
 """
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ from typing import Sequence
 import torch
 
 from ..checkpoints.load import LoadedModel
+from ..choices import GUIDANCE_FORMS as FORMS
 from ..errors import UserError
 from ..sampling.guidance import GuidanceTerm, gradient_term
 from ..sampling.plan import SampleItem
 from ..sampling.schedule import Schedule
-
-FORMS = ("eps", "mean")
 
 
 def check_form(form: str, sampler: str) -> None:

@@ -16,7 +16,10 @@ import os
 import sys
 import traceback
 
+from ..threads import prefer_passive_waits, set_cpu_threads
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
 
 from . import backend as B  # noqa: E402
 
@@ -278,6 +281,7 @@ def launch(demo, host: str, port: int, block: bool = True):
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    set_cpu_threads()
     try:
         import_gradio()
         models = B.load_models(B.DemoPaths(args.checkpoint, args.inpaint_checkpoint, args.upsampler, args.classifier,

@@ -2,10 +2,15 @@
 
 At every step the loop (`loop.py`) runs, in this order:
   1. the model function: eps at (x_t, t); classifier-free guidance lives here (two forward passes);
-  2. x0 processing: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) is clipped to [-1, 1] or dynamically
-     thresholded, and eps is re-derived from it (as guided-diffusion and GLIDE do);
-  3. guidance terms `term(eps, info) -> eps` in order: gradient guidance (classifier, CLIP);
-  4. the sampler's update, which never clips again, so a gradient term's shift is kept whole.
+  2. guidance terms `term(eps, info) -> eps` in order: gradient guidance (classifier, CLIP);
+  3. x0 processing: the guided x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) is clipped to [-1, 1] or
+     dynamically thresholded, and eps is re-derived from it. The guided x0 estimates E[x0 | x_t, y],
+     which lies in the data's range like any clean image, so the bound is right for guided and
+     unguided predictions alike. It is what keeps gradient guidance sane at high noise: there the
+     eps-form shift moves x0 by s * (1 - ab) / sqrt(ab) * g (2e4 * s * g at t = 999 of the cosine
+     schedule), which is harmless for the exact p(y | x_t) (its gradient vanishes on pure noise) but
+     not for a learned guide, whose gradient there is small yet not zero;
+  4. constraints (an upsampler's low-res consistency), then the sampler's update, which never clips.
 
 Guidance-scale convention: 0 = unconditional, 1 = plain conditional, above 1 = guided,
 eps = eps_u + s * (eps_c - eps_u).
@@ -175,12 +180,8 @@ def shift_eps(eps: torch.Tensor, grad: torch.Tensor, scale: float, form: str, in
 
 
 def within_interval(term: GuidanceTerm, interval: tuple[float, float] | None) -> GuidanceTerm:
-    """`term` applied only at timesteps lo <= t <= hi (all steps when `interval` is None).
-
-    A noise-aware classifier or CLIP is least reliable near pure noise, where its gradient also moves
-    x0 the most (s * (1 - ab) / sqrt(ab) in the eps form); leaving the first steps unguided keeps the
-    whole shift where the guide can be trusted (see the README's guidance table).
-    """
+    """`term` applied only at timesteps lo <= t <= hi (all steps when `interval` is None): the
+    `--guidance-interval` option, which limits CFG and gradient guidance alike."""
     if interval is None:
         return term
     lo, hi = interval

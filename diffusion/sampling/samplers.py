@@ -19,7 +19,7 @@ for edm ones; every update works on the VP state x = sqrt(ab) x0 + sqrt(1 - ab) 
 - on an edm model, ddpm and ddim take the same Karras sigmas, and dpmsolver is diffusers'
   `EDMDPMSolverMultistepScheduler`, fed the network output that gives our x0.
 
-The update never clips: x0 arrives already clipped or thresholded, and guided (see `loop.py`).
+The update never clips: x0 arrives guided, then clipped or thresholded (see `loop.py`).
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
 
+from ..choices import SAMPLERS
 from ..errors import UserError
 from .schedule import CLEAN, EDMSchedule, NoiseSchedule, Schedule, karras_sigmas
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver", "heun", "euler")
 SIGMA_SAMPLERS = ("heun", "euler")  # Karras' sigmas on every formulation
 Predict = Callable[[torch.Tensor, "int | float"], torch.Tensor]  # (x at model time t, t) -> final eps there
 

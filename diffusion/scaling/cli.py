@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 from ..errors import UserError, exit_on_user_error
+from ..threads import prefer_passive_waits, set_cpu_threads
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffusion.scaling", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sweep", help="train the grid of a sweep file")
@@ -109,5 +110,7 @@ def cmd_predict(args) -> None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
+    args = build_parser().parse_args(argv)
+    set_cpu_threads()
     {"sweep": cmd_sweep, "fit": cmd_fit, "predict": cmd_predict}[args.command](args)

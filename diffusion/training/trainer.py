@@ -26,6 +26,7 @@ from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
 from ..errors import Diverged, Interrupted, UserError
+from ..threads import cpu_threads_note
 from .batches import training_augment, training_collate
 from .logger import MetricLogger
 from .preflight import preflight
@@ -176,6 +177,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / ckpt.CONFIG_FILE)
+        acc.print(f"training on {acc.device}" + (f" with {cpu_threads_note()}" if acc.device.type == "cpu" else ""))
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from ...choices import INPAINT_METHODS as METHODS
 from ...config import Config
 from ...errors import UserError
 from ...models.denoiser import INPAINT_CHANNELS
@@ -24,7 +25,6 @@ from ...sampling.loop import Loop, PostStep, Progress, Trajectory
 from ...sampling.plan import KnownPixels, SampleItem, SamplerSettings, SamplingPlan, run_plan
 from ...sampling.samplers import noise_from
 
-METHODS = ("channels", "replace", "repaint")
 REVISITING = ("ddpm", "ddim", "heun", "euler")  # samplers whose steps read x alone (`Sampler.revisits`)
 
 
