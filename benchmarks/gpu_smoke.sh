@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke test, under 5 minutes on one GPU: with bf16, channels_last and torch.compile it
 #   trains a few steps; SIGKILLs a run and resumes it; SIGTERMs a run (expects exit 143) and resumes it;
-#   samples from the result; and, where 2 GPUs exist, trains with a 2-process `accelerate launch`.
+#   samples from the result; trains an edm run (diffusion.formulation=edm), resumes it and samples it
+#   with Heun (and DPM-Solver++); and, where 2 GPUs exist, trains with a 2-process `accelerate launch`.
 # Prints one PASS/FAIL/SKIP line per check and exits 1 if any failed.
 #
 #   benchmarks/gpu_smoke.sh [OUT]            # default OUT: runs/gpu_smoke (wiped first)
@@ -86,6 +87,21 @@ interrupt_and_resume TERM 143
 python sample.py --checkpoint "$OUT/train" --num-samples 4 --steps 10 --device "$DEVICE" --dtype "$DTYPE" \
   --out "$OUT/samples" >"$OUT/sample.log" 2>&1; status=$?
 [[ "$status" == 0 && -f "$OUT/samples/grid.png" ]]; report "sample" $? "exit $status (see $OUT/sample.log)"
+
+# EDM's formulation: train, resume to more steps, sample with Heun (18 steps = 35 evaluations) and DPM-Solver++.
+dir="$OUT/edm"
+EDM=(diffusion.formulation=edm sample.sampler=heun sample.steps=18)
+train "$dir" "$STEPS" "${EDM[@]}"; status=$?
+[[ "$status" == 0 && -f "$dir/final/ema.safetensors" ]]; report "edm: train $STEPS steps" $? "exit $status (see $dir.log)"
+train "$dir" "$((STEPS + EVERY))" "${EDM[@]}" --resume auto; status=$?
+[[ "$status" == 0 ]] && grep -q "resumed from" "$dir.log" && [[ "$(last_step "$dir")" == "$((STEPS + EVERY))" ]]
+report "edm: --resume auto to step $((STEPS + EVERY))" $? "exit $status (see $dir.log)"
+for sampler in heun dpmsolver; do
+  python sample.py --checkpoint "$dir" --num-samples 2 --sampler "$sampler" --steps 18 --guidance-scale 2 \
+    --device "$DEVICE" --dtype "$DTYPE" --out "$OUT/edm_$sampler" >"$OUT/edm_$sampler.log" 2>&1; status=$?
+  [[ "$status" == 0 && -f "$OUT/edm_$sampler/grid.png" ]]; report "edm: sample with $sampler, 18 steps, CFG 2" $? \
+    "exit $status (see $OUT/edm_$sampler.log)"
+done
 
 GPUS=0
 if [[ "$DEVICE" == cuda ]]; then GPUS=$(python -c "import torch; print(torch.cuda.device_count())"); fi

@@ -1,4 +1,7 @@
-"""Sampling speed against quality: ddpm(1000), ddim(10/20/50/100) and dpmsolver(10/20) on one checkpoint.
+"""Sampling speed against quality: ddpm(1000), ddim(10/20/50/100), dpmsolver(10/20) and heun(10/18) on one checkpoint.
+
+Heun's n steps cost 2n - 1 network evaluations (heun:18 = 35, EDM's setting); the table's
+"model evals/image" column counts them (times two under classifier-free guidance).
 
 Speed is images/s and s/image over the whole set (same seeds and classes for every setting).
 Quality is shapes accuracy (the pixel detector reads each sample's colour and shape; a
@@ -22,9 +25,10 @@ from benchmarks.common import header, parse_list, set_threads, table, timed, wri
 from diffusion.checkpoints.load import load_model  # noqa: E402
 from diffusion.device import compile_model, pick_device, use_fast_cuda_math  # noqa: E402
 from diffusion.sampling.images import to_uint8  # noqa: E402
-from diffusion.sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan  # noqa: E402
+from diffusion.sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan, sigma_options  # noqa: E402
+from diffusion.sampling.samplers import network_evaluations  # noqa: E402
 
-DEFAULT_SETTINGS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,dpmsolver:10,dpmsolver:20"
+DEFAULT_SETTINGS = "ddpm:1000,ddim:10,ddim:20,ddim:50,ddim:100,dpmsolver:10,dpmsolver:20,heun:10,heun:18"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {header(device)}; {args.dtype}, channels_last {args.channels_last}, compile {args.compile}")
 
     def sample(sampler: str, steps: int, items_plan: SamplingPlan) -> torch.Tensor:
-        return run_plan(loaded, items_plan, SamplerSettings(sampler, steps, scale, args.batch_size, args.dtype), bar=False)
+        settings = SamplerSettings(sampler, steps, scale, args.batch_size, args.dtype, sigma_options(loaded.cfg.sample))
+        return run_plan(loaded, items_plan, settings, bar=False)
 
     warm = SamplingPlan(plan.items[:args.batch_size])
     timed(lambda: sample("ddim", 2, warm), device, 1)  # first-call costs (and compilation) stay out of the table
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for sampler, steps in args.settings:
         images = []
         seconds = timed(lambda: images.append(sample(sampler, steps, plan)), device, 1)[0]
-        evals = steps * (2 if conditional and scale not in (0, 1) else 1)
+        evals = network_evaluations(sampler, steps) * (2 if conditional and scale not in (0, 1) else 1)
         row = {"sampler": sampler, "steps": steps, "model evals/image": evals, "images/s": args.num_samples / seconds,
                "s/image": seconds / args.num_samples}
         if use_accuracy:

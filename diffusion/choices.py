@@ -3,7 +3,7 @@
 The modules that implement each choice import their list from here."""
 from __future__ import annotations
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver")  # diffusion.sampling.samplers
+SAMPLERS = ("ddpm", "ddim", "dpmsolver", "heun", "euler")  # diffusion.sampling.samplers
 PRECISIONS = ("fp32", "bf16")  # the denoiser's precision when sampling (diffusion.device)
 GUIDANCE_FORMS = ("eps", "mean")  # how a gradient enters a step (diffusion.conditioning.classifier)
 INPAINT_METHODS = ("channels", "replace", "repaint")  # diffusion.conditioning.inpaint.methods

@@ -189,9 +189,23 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | cosine
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    """The formulation and its noise levels.
+
+    ddpm: timesteps 0..T-1 of a beta schedule; the network predicts eps or v.
+    edm: Karras et al. 2022; the network is preconditioned (sigma_data), trained on ln(sigma) ~
+    N(p_mean, p_std^2). sigma_min/sigma_max: the range sigma-space samplers (heun, euler) cover
+    (a ddpm model's own range clamps it) and edm guides are trained on.
+    """
+
+    formulation: str = "ddpm"  # ddpm | edm
+    num_train_timesteps: int = 1000  # ddpm
+    beta_schedule: str = "linear"  # ddpm: linear | cosine
+    prediction_type: str = "epsilon"  # ddpm: epsilon | v_prediction
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5  # edm
+    p_mean: float = -1.2  # edm
+    p_std: float = 1.2  # edm
 
 
 @dataclass
@@ -224,9 +238,14 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for the sample grids written during training (and for sample.py)."""
 
-    sampler: str = "ddim"  # ddpm | ddim | dpmsolver
-    steps: int = 50
+    sampler: str = "ddim"  # ddpm | ddim | dpmsolver | heun | euler
+    steps: int = 50  # heun: 2 * steps - 1 network evaluations
     guidance_scale: float = 3.0
+    rho: float = 7.0  # heun, euler: Karras' sigma spacing
+    churn: float = 0.0  # heun, euler: EDM's S_churn (0 = deterministic)
+    churn_min: float = 0.0  # S_tmin: churn only at sigma >= this
+    churn_max: float = 1000.0  # S_tmax: ... and <= this
+    churn_noise: float = 1.0  # S_noise
     num_samples: int = 16
     prompts: list[str] = field(default_factory=list)  # caption models: preview prompts (default: first batch's captions)
 
@@ -261,7 +280,8 @@ class UpsampleConfig:
     quantised to 8 bits, then interpolated back up (`upsample`) and concatenated to x_t. Noise
     augmentation: during training the upsampled low-res is noised to a level drawn uniformly from
     `aug_noise` (fractions of diffusion.num_train_timesteps; 0 = clean), with the model's own
-    alpha_bar table, and the model is told the level. `aug_level` is the sampling default, and so is
+    alpha_bar table, and the model is told the level; edm models give both in sigma (low + sigma n).
+    `aug_level` is the sampling default, and so is
     `consistency`: project every step's predicted x0 so that it downsamples to the low-res input.
     """
 

@@ -18,11 +18,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.celeba_captions": ("all", "class"),
     "model.condition": ("none", "class", "text"),
     "model.pool": ("attention", "mean"),
+    "diffusion.formulation": ("ddpm", "edm"),
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.prediction_type": ("epsilon", "v_prediction"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
-    "sample.sampler": ("ddpm", "ddim", "dpmsolver"),
+    "sample.sampler": ("ddpm", "ddim", "dpmsolver", "heun", "euler"),
     "upsample.downsample": ("area", "bicubic", "bilinear"),
     "upsample.upsample": ("bilinear", "bicubic", "nearest"),
 }
@@ -58,7 +59,9 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "train.weight_decay", "train.grad_clip", "model.num_classes", "sample.guidance_scale", "data.subset_size",
         "inpaint.box", "inpaint.strokes", "inpaint.half", "inpaint.border", "inpaint.all_known", "inpaint.all_unknown")},
     **{key: _FRACTION for key in ("model.cond_drop_prob", "train.caption_word_drop", "train.ema_decay", "model.dropout")},
-    **{key: _POSITIVE for key in ("train.lr", "train.ema_power")},
+    **{key: _POSITIVE for key in ("train.lr", "train.ema_power", "diffusion.sigma_min", "diffusion.sigma_data",
+                                  "diffusion.p_std", "sample.rho", "sample.churn_noise")},
+    **{key: _at_least(0) for key in ("sample.churn", "sample.churn_min")},
     **{key: _SEED for key in ("train.seed", "data.shapes_seed", "data.subset_seed")},
     "diffusion.num_train_timesteps": _between(1, MAX_TIMESTEPS),
     **{key: _between(1, MAX_LAYERS) for key in ("model.layers_per_block", "model.text.layers", "model.vision.layers")},
@@ -69,7 +72,6 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.subset_size": _between(0, MAX_DATASET),
     "model.text.context_length": _between(3, 4096),  # start and end tokens, and one word
     "train.loss_spike": ((lambda v: v == 0 or 1 < v <= MAX_LOSS_SPIKE), f"0 (off) or in (1, {MAX_LOSS_SPIKE:g}]"),
-    "upsample.aug_level": _between(0, 1),
 }
 
 
@@ -150,7 +152,11 @@ def check_towers(cfg: Any) -> None:
 def check_sampling(cfg: Any) -> None:
     """sample.* as the training previews (and sample.py's defaults) will use them."""
     total = cfg.diffusion.num_train_timesteps
-    if cfg.sample.steps > total:
+    trailing = cfg.diffusion.formulation == "ddpm" and cfg.sample.sampler not in ("heun", "euler")
+    if cfg.diffusion.sigma_max <= cfg.diffusion.sigma_min:
+        raise UserError(f"config key 'diffusion.sigma_max' ({cfg.diffusion.sigma_max:g}) must be above "
+                        f"diffusion.sigma_min ({cfg.diffusion.sigma_min:g})")
+    if trailing and cfg.sample.steps > total:
         raise UserError(f"config key 'sample.steps' ({cfg.sample.steps}) must be at most diffusion.num_train_timesteps "
                         f"({total}): a sampler cannot take more steps than the model has timesteps")
     for prompt in cfg.sample.prompts:
@@ -185,8 +191,12 @@ def check_upsample(cfg: Any) -> None:
         raise UserError("model.inpaint and model.upsample cannot both be on: train an in-painting model or an upsampler")
     if up.factor < 2 or cfg.data.resolution % up.factor:
         raise UserError(f"upsample.factor must be >= 2 and divide data.resolution={cfg.data.resolution}; got {up.factor}")
-    if len(up.aug_noise) != 2 or not 0.0 <= up.aug_noise[0] <= up.aug_noise[1] <= 1.0:
-        raise UserError(f"upsample.aug_noise must be [low, high] with 0 <= low <= high <= 1; got {preview(up.aug_noise)}")
+    top, unit = (math.inf, "sigma") if cfg.diffusion.formulation == "edm" else (1.0, "a fraction of the timesteps")
+    if len(up.aug_noise) != 2 or not 0.0 <= up.aug_noise[0] <= up.aug_noise[1] <= top:
+        raise UserError(f"upsample.aug_noise must be [low, high] with 0 <= low <= high <= {top:g} ({unit}); "
+                        f"got {preview(up.aug_noise)}")
+    if not 0.0 <= up.aug_level <= top:
+        raise UserError(f"upsample.aug_level must be in [0, {top:g}] ({unit}); got {preview(up.aug_level)}")
 
 
 def validate(cfg: Any) -> Any:

@@ -16,6 +16,12 @@ scheduler component only supplies the training schedule (its betas and predictio
 other settings do not matter: runs exported with `clip_sample: true` sample correctly (diffusers'
 DDIM step with that setting clips x0 but keeps the unclipped eps, which washes images out).
 `sample.py` stays the tool for classifier/CLIP guidance, in-painting and upsampling.
+
+edm runs (diffusion.formulation: edm) export diffusers' `EDMDPMSolverMultistepScheduler` with the
+run's sigma_data and sigma range: the U-Net is EDM's F, whose preconditioning (c_in, c_skip, c_out,
+c_noise = ln(sigma) / 4 as the timestep) diffusers' EDM schedulers apply themselves, so the export
+also runs in a plain diffusers loop with `EDMDPMSolverMultistepScheduler` or `EDMEulerScheduler`.
+This pipeline samples them with Heun by default (`sampler=`), through `EDMSchedule`.
 """
 from __future__ import annotations
 
@@ -23,14 +29,16 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDPMScheduler, DiffusionPipeline, EDMDPMSolverMultistepScheduler, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .choices import SAMPLERS
+from .config import DiffusionConfig
 from .sampling.guidance import ClassifierFreeGuidance
 from .sampling.images import to_pil
 from .sampling.loop import Trajectory, sample_loop
 from .sampling.samplers import build_sampler, noise_from
-from .sampling.schedule import NoiseSchedule
+from .sampling.schedule import EDMSchedule, NoiseSchedule
 
 PIPELINE_CLASS = "GuidedDiffusionPipeline"
 
@@ -81,9 +89,13 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must be in 0..{null - 1}")
         return {"class_labels": labels}, unconditional
 
-    def schedule(self) -> NoiseSchedule:
-        """The run's training schedule, read from the scheduler component (whatever its class and settings)."""
-        return NoiseSchedule(self.scheduler.alphas_cumprod, self.scheduler.config.prediction_type)
+    def schedule(self) -> NoiseSchedule | EDMSchedule:
+        """The run's training schedule, read from the scheduler component (whatever its class and settings):
+        an EDM scheduler (edm runs) gives its sigma_data and sigma range."""
+        config = self.scheduler.config
+        if "sigma_data" in config:
+            return EDMSchedule(config.sigma_data, config.sigma_min, config.sigma_max)
+        return NoiseSchedule(self.scheduler.alphas_cumprod, config.prediction_type)
 
     @staticmethod
     def _generators(generator, seed: int | None, batch: int, device: torch.device) -> list[torch.Generator]:
@@ -102,9 +114,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     def __call__(self, class_labels=None, prompt: str | list[str] | None = None, guidance_scale: float = 3.0,
                  num_inference_steps: int = 25, batch_size: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, seed: int | None = None,
-                 sampler: str = "ddim", output_type: str = "pil", return_dict: bool = True):
+                 sampler: str | None = None, output_type: str = "pil", return_dict: bool = True):
         """`seed=S`: sample i from a generator seeded S + i (`sample.py --seed S`); else `generator`,
-        one per sample or shared. `sampler`: ddim (default), ddpm or dpmsolver, as `sample.py --sampler`."""
+        one per sample or shared. `sampler`: as `sample.py --sampler` (default ddim, heun for edm runs)."""
+        schedule = self.schedule()
+        sampler = sampler or ("heun" if isinstance(schedule, EDMSchedule) else "ddim")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         device = self.unet.device
@@ -117,7 +131,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         if sampler == "ddpm" and generators[0].device != device:
             raise ValueError(f"ddpm draws noise at every step: give generators on {device} (or seed=)")
         noise = noise_from(generators, (3, size, size), generators[0].device).to(device, self.unet.dtype)
-        schedule = self.schedule().to(device)
+        schedule = schedule.to(device)
         trajectory = Trajectory(schedule, build_sampler(schedule, sampler, num_inference_steps), generators)
         model_fn = ClassifierFreeGuidance(_UNetFn(self.unet), cond, uncond, guidance_scale)
         bar = self.progress_bar(total=len(trajectory.sampler.steps))
@@ -132,11 +146,23 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=result) if return_dict else (result,)
 
 
-def write_model_index(final_dir: Path, has_text_encoder: bool, unet_class: str) -> None:
+def export_scheduler(cfg: DiffusionConfig, train_scheduler: DDPMScheduler) -> SchedulerMixin:
+    """The scheduler saved with the export: the training schedule with "trailing" spacing, the
+    timesteps every sampler here visits, for diffusers loops (ddpm); or EDM's DPM-Solver++ over the
+    run's sigma range and sigma_data (edm)."""
+    if cfg.formulation != "edm":
+        return type(train_scheduler).from_config(train_scheduler.config, timestep_spacing="trailing")
+    return EDMDPMSolverMultistepScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_data=cfg.sigma_data,
+                                          prediction_type="epsilon", final_sigmas_type="zero")
+
+
+def write_model_index(final_dir: Path, has_text_encoder: bool, unet_class: str, scheduler_class: str = "DDPMScheduler") -> None:
     """`final/model_index.json`, so `GuidedDiffusionPipeline.from_pretrained(final_dir)` loads it.
-    The scheduler component is the saved training schedule (scheduler_config.json), read as a DDIMScheduler."""
+    The scheduler component is the saved training schedule (scheduler_config.json), read as a DDIMScheduler,
+    or an edm run's EDMDPMSolverMultistepScheduler."""
+    sampler = scheduler_class if scheduler_class.startswith("EDM") else "DDIMScheduler"
     index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version(),
-             "unet": ["diffusers", unet_class], "scheduler": ["diffusers", "DDIMScheduler"]}
+             "unet": ["diffusers", unet_class], "scheduler": ["diffusers", sampler]}
     if has_text_encoder:
         index["text_encoder"] = ["diffusion.models.text", "TextEncoder"]
     (Path(final_dir) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -88,7 +88,7 @@ def test_one_guided_step_raises_clip_similarity(tmp_path, sampler, form):
     cfg = clip_config(tmp_path)
     model = NoisyCLIP(cfg).eval().requires_grad_(False)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
-    guide = NoiseAwareGuide(LoadedModel(cfg, model, schedule, TrainState(), tmp_path), schedule.table[:-1])
+    guide = NoiseAwareGuide(LoadedModel(cfg, model, schedule, TrainState(), tmp_path), schedule)
     x, eps = noisy_pair(schedule, build_sampler(schedule, sampler, 10), 6, 4)
     text = guide.encode_prompts([PROMPT] * 6)
     term = guide.term(text, 0.05, form, list(range(6)))

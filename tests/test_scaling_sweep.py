@@ -52,13 +52,24 @@ def test_subsets_nested_and_seeded():
     assert small != nested_subset_indices(1000, 100, 8)
 
 
-def test_validation_loss_deterministic_and_lower_when_trained(tmp_path):
+def test_formulation_is_a_sweepable_key(tmp_path):
+    from diffusion.scaling.sweep_config import point_config
+
+    sweep = load_sweep(_sweep_file(tmp_path, {"diffusion.formulation": ["ddpm", "edm"], "model.base_channels": [8]}))
+    points = expand_grid(sweep)
+    assert len({p.name for p in points}) == 2 and all("formulation" in p.name for p in points)
+    assert [point_config(sweep, p).diffusion.formulation for p in points] == ["ddpm", "edm"]
+
+
+@pytest.mark.parametrize("formulation", ["ddpm", "edm"])
+def test_validation_loss_deterministic_and_lower_when_trained(tmp_path, formulation):
     from diffusion.models import build_denoiser
     from diffusion.scaling.valloss import ValLossConfig, build_valset, validation_loss
     from diffusion.training.tasks import DenoiserTask
 
     torch.manual_seed(0)
-    cfg = tiny_config(tmp_path, "model.condition=none", config="configs/shapes_uncond.yaml")
+    cfg = tiny_config(tmp_path, "model.condition=none", f"diffusion.formulation={formulation}",
+                      config="configs/shapes_uncond.yaml")
     valset = build_valset(cfg, ValLossConfig(num_images=16, repeats=4, buckets=4))
     model = build_denoiser(cfg.model, cfg.data.resolution, 1)
     before = validation_loss(model, cfg, valset)

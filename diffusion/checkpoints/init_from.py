@@ -21,7 +21,7 @@ INPUT_CONV = "unet.conv_in.weight"
 NEW_MODULES = ("level_embedding.",)  # parameters a base may lack; they keep their (zero-output) init
 # Settings the base and the new run must share for "step 0 = the base model" to hold; the weights'
 # shapes cannot show them (a U-Net runs at any resolution, under any schedule).
-MUST_MATCH = ("data.resolution", "diffusion.num_train_timesteps", "diffusion.beta_schedule",
+MUST_MATCH = ("data.resolution", "diffusion.formulation", "diffusion.num_train_timesteps", "diffusion.beta_schedule",
               "diffusion.prediction_type", "model.condition")
 
 

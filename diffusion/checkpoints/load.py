@@ -9,7 +9,7 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from ..models import build_model
-from ..sampling.schedule import NoiseSchedule
+from ..sampling.schedule import Schedule, build_schedule
 from . import store
 
 
@@ -17,7 +17,7 @@ from . import store
 class LoadedModel:
     cfg: Config
     model: torch.nn.Module
-    schedule: NoiseSchedule
+    schedule: Schedule
     info: store.TrainState
     path: Path
 
@@ -42,4 +42,4 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
                         "its run diverged; use an earlier checkpoint (RUN/checkpoints/step-N)")
     model.load_state_dict(weights)
     model.eval().requires_grad_(False).to(device)
-    return LoadedModel(cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(device), store.read_info(directory), directory)
+    return LoadedModel(cfg, model, build_schedule(cfg.diffusion).to(device), store.read_info(directory), directory)

@@ -87,7 +87,7 @@ class ClassifierGuidanceFeature:
         if scale < 0:
             raise UserError(f"--classifier-scale must be >= 0 (0 = unguided), got {scale}")
         check_form(args.guidance_form, args.sampler or loaded.cfg.sample.sampler)
-        plan.terms.append(classifier_terms(classifier.model, scale, args.guidance_form))
+        plan.terms.append(classifier_terms(classifier.model, scale, args.guidance_form, classifier.schedule))
         settings = {"classifier": str(classifier.path), "classifier_scale": f"{scale:g}", "guidance_form": args.guidance_form}
         for item in plan.items:
             item.meta.update(settings)

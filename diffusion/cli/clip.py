@@ -46,7 +46,7 @@ def load_guide(args: argparse.Namespace, loaded: LoadedModel, device: torch.devi
     if res != clip_res:
         raise UserError(f"--clip {spec} was trained at {clip_res}x{clip_res} but the denoiser makes {res}x{res} images: "
                         f"retrain it with data.resolution={res}")
-    return NoiseAwareGuide(clip, loaded.schedule.table[:-1])
+    return NoiseAwareGuide(clip, loaded.schedule)
 
 
 class ClipGuidance:
@@ -57,7 +57,7 @@ class ClipGuidance:
         device = loaded.device
         schedule = loaded.cfg.diffusion
         key = (args.clip, args.clip_weights, args.clip_cutouts, str(device), loaded.cfg.data.resolution,
-               schedule.num_train_timesteps, schedule.beta_schedule)
+               schedule.formulation, schedule.num_train_timesteps, schedule.beta_schedule)
         if key not in self._guides:
             self._guides[key] = load_guide(args, loaded, device)
         return self._guides[key]

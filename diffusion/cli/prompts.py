@@ -55,8 +55,9 @@ def is_text_model(loaded: LoadedModel) -> bool:
     return getattr(loaded.model, "condition", "none") == "text"
 
 
-def cfg_options(args: argparse.Namespace, num_train_timesteps: int) -> CFGOptions:
-    """Check the CFG refinement flags and turn them into the plan's CFGOptions."""
+def cfg_options(args: argparse.Namespace, num_train_timesteps: int | None) -> CFGOptions:
+    """Check the CFG refinement flags and turn them into the plan's CFGOptions (`num_train_timesteps`
+    None: an edm model, whose guidance interval is in sigma)."""
     from ..sampling.guidance import CFGOptions
 
     options = CFGOptions()
@@ -70,7 +71,10 @@ def cfg_options(args: argparse.Namespace, num_train_timesteps: int) -> CFGOption
         options.threshold = args.dynamic_threshold
     if args.guidance_interval is not None:
         lo, hi = args.guidance_interval
-        if not 0 <= lo <= hi < num_train_timesteps:
+        if num_train_timesteps is None and not 0 <= lo <= hi:
+            raise UserError(f"--guidance-interval LO HI needs 0 <= LO <= HI (an edm model's interval is in sigma), "
+                            f"got {lo:g} {hi:g}")
+        if num_train_timesteps is not None and not 0 <= lo <= hi < num_train_timesteps:
             raise UserError(f"--guidance-interval LO HI needs 0 <= LO <= HI < {num_train_timesteps} (training "
                             f"timesteps), got {lo:g} {hi:g}")
         options.interval = (lo, hi)
@@ -91,7 +95,7 @@ class TextPromptFeature:
                            help="Imagen dynamic thresholding of the predicted x0 at percentile P (e.g. 99.5)")
         group.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                            help="apply guidance (CFG, --classifier, --clip) only at training timesteps LO <= t <= HI "
-                                "(Kynkaanniemi et al. 2024)")
+                                "(edm models: sigma; Kynkaanniemi et al. 2024)")
 
     def variants(self, args, loaded, variants):
         prompts = read_prompts(args)
@@ -120,7 +124,7 @@ class TextPromptFeature:
         return out
 
     def extend(self, args, loaded, plan: SamplingPlan) -> None:
-        plan.cfg = cfg_options(args, loaded.schedule.num_train_timesteps)
+        plan.cfg = cfg_options(args, getattr(loaded.schedule, "num_train_timesteps", None))
         settings = {}
         if plan.cfg.rescale:
             settings["guidance_rescale"] = str(plan.cfg.rescale)

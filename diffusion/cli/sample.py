@@ -95,6 +95,16 @@ def build_parser(feature_list: list[Feature]) -> argparse.ArgumentParser:
                         help="the denoiser's precision: bf16 autocast (default on GPUs) or fp32 (default on CPU); "
                              "guidance gradients are always fp32")
     add_trust_argument(parser)
+    sigmas = parser.add_argument_group("Karras sigmas (heun, euler; every sampler on an edm model)")
+    sigmas.add_argument("--sigma-min", type=float, default=None,
+                        help="lowest noise level (default: the run's diffusion.sigma_min, 0.002; a ddpm model's own range clamps it)")
+    sigmas.add_argument("--sigma-max", type=float, default=None, help="highest noise level (default: diffusion.sigma_max, 80)")
+    sigmas.add_argument("--rho", type=float, default=None, help="Karras' spacing exponent (default: sample.rho, 7)")
+    sigmas.add_argument("--churn", type=float, default=None,
+                        help="EDM's S_churn: stochastic sampling, 0 = deterministic (default: sample.churn)")
+    sigmas.add_argument("--churn-range", type=float, nargs=2, default=None, metavar=("S_TMIN", "S_TMAX"),
+                        help="churn only at sigma in this range (default: sample.churn_min, sample.churn_max)")
+    sigmas.add_argument("--churn-noise", type=float, default=None, help="EDM's S_noise (default: sample.churn_noise)")
     for feature in feature_list:
         feature.add_arguments(parser)
     return parser
@@ -110,6 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--num-samples and --batch-size must be positive")
     if not 0 <= args.seed < 2**63 - 2**32:  # sample i uses seed + i, a torch.Generator seed
         raise UserError(f"--seed must be a whole number in [0, 2^63), got {args.seed}")
+    check_sigma_args(args)
 
 
 OUTPUTS = ("sample_*.png", "strip_*.png", "bicubic_*.png", "lowres_*.png", "grid.png")  # what sample.py writes
@@ -130,20 +141,36 @@ def check_out(out: Path, overwrite: bool) -> None:
                         "pass --overwrite to delete them first, or choose another --out")
 
 
+def check_sigma_args(args: argparse.Namespace) -> None:
+    """The Karras-sigma options (heun, euler; every sampler on an edm model)."""
+    for flag, value in (("--sigma-min", args.sigma_min), ("--sigma-max", args.sigma_max), ("--rho", args.rho),
+                        ("--churn-noise", args.churn_noise)):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} must be positive, got {value:g}")
+    if args.churn is not None and args.churn < 0:
+        raise UserError(f"--churn must be >= 0 (0 = deterministic), got {args.churn:g}")
+    if args.churn_range is not None and not 0 <= args.churn_range[0] <= args.churn_range[1]:
+        raise UserError(f"--churn-range S_TMIN S_TMAX needs 0 <= S_TMIN <= S_TMAX, got {args.churn_range}")
+
+
 def sampler_settings(args: argparse.Namespace, loaded: LoadedModel) -> SamplerSettings:
     """The command line's sampler, steps, scale, batch size and precision, defaulting to the run's config."""
     from ..device import default_precision
-    from ..sampling.plan import SamplerSettings
+    from ..sampling.plan import SamplerSettings, sigma_options
 
     sampler = args.sampler or loaded.cfg.sample.sampler
     total = loaded.cfg.diffusion.num_train_timesteps
     steps = args.steps or (total if sampler == "ddpm" and args.sampler else loaded.cfg.sample.steps)
-    if steps > total:
+    trailing = loaded.cfg.diffusion.formulation == "ddpm" and sampler not in ("heun", "euler")
+    if trailing and steps > total:  # Karras-sigma samplers are not bound to the training timesteps
         given = f"--steps {steps}" if args.steps else f"the checkpoint's sample.steps ({steps})"
         raise UserError(f"{given} is more than the model's {total} training timesteps: give --steps from 1 to {total}")
     scale = loaded.cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
     precision = args.dtype or default_precision(loaded.device)
-    return SamplerSettings(sampler, steps, scale, args.batch_size, precision)
+    lo, hi = args.churn_range or (None, None)
+    sigmas = sigma_options(loaded.cfg.sample, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                           churn=args.churn, churn_min=lo, churn_max=hi, churn_noise=args.churn_noise)
+    return SamplerSettings(sampler, steps, scale, args.batch_size, precision, sigmas)
 
 
 def make_plan(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[Feature],
@@ -153,7 +180,7 @@ def make_plan(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[
     variants = [SampleItem(seed=0)]
     for feature in feature_list:
         variants = feature.variants(args, loaded, variants)
-    meta = {**settings.meta(), "checkpoint": str(loaded.path)}
+    meta = {**settings.meta(loaded.schedule), "checkpoint": str(loaded.path)}
     items = []
     for template in variants:
         for _ in range(args.num_samples):

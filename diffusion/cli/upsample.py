@@ -8,7 +8,7 @@
 - `--checkpoint UP_RUN --low-res photo.png`: super-resolves one image, resized (short side) and
   centre-cropped to the model's low resolution; `bicubic_NNNN.png` (the bicubic upsample of the
   same input) and `lowres_NNNN.png` are written beside each sample.
-`--aug-level L` (a fraction of the training timesteps in [0, 1], 0 = clean) noises the upsampled
+`--aug-level L` (a fraction of the training timesteps in [0, 1]; a sigma for edm models; 0 = clean) noises the upsampled
 low-res input as in training (default: the upsampler's `upsample.aug_level`). `--consistency`
 (default: `upsample.consistency`) projects every step's predicted image so that it downsamples exactly
 to the low-res input.
@@ -48,13 +48,14 @@ def load_low_res(path: str | Path, resolution: int) -> torch.Tensor:
     return up.quantise(image_transform(resolution)(image).unsqueeze(0))
 
 
-def aug_level(args: argparse.Namespace, loaded: LoadedModel) -> int:
+def aug_level(args: argparse.Namespace, loaded: LoadedModel) -> int | float:
+    """The integer level of a fraction of the timesteps (ddpm), or a sigma (edm)."""
     from ..conditioning import upsample as up
 
-    fraction = loaded.cfg.upsample.aug_level if args.aug_level is None else args.aug_level
-    if not 0.0 <= fraction <= 1.0:
-        raise UserError(f"--aug-level is a fraction of the training timesteps in [0, 1] (0 = clean); got {fraction}")
-    return up.level_index(fraction, loaded.schedule.num_train_timesteps)
+    value = loaded.cfg.upsample.aug_level if args.aug_level is None else args.aug_level
+    if loaded.schedule.formulation != "edm" and not 0.0 <= value <= 1.0:
+        raise UserError(f"--aug-level is a fraction of the training timesteps in [0, 1] (0 = clean); got {value}")
+    return up.aug_level(value, loaded.schedule)
 
 
 def consistency(args: argparse.Namespace, loaded: LoadedModel) -> bool:
@@ -116,7 +117,7 @@ class UpsampleFeature:
                            help="CFG scale of the second stage (default: the upsampler's config)")
         group.add_argument("--aug-level", type=float, default=None, metavar="L",
                            help="noise level of the low-res input, a fraction of the training timesteps in [0, 1] "
-                                "(0 = clean; default: the upsampler's upsample.aug_level)")
+                                "(edm models: a sigma; 0 = clean; default: the upsampler's upsample.aug_level)")
         group.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=None,
                            help="make every step's prediction downsample exactly to the low-res input "
                                 "(default: the upsampler's upsample.consistency)")
@@ -180,7 +181,7 @@ class UpsampleFeature:
         from ..conditioning import upsample as up
         from ..device import default_precision, prepare_for_sampling
         from ..sampling.images import save_png
-        from ..sampling.plan import SamplerSettings, SamplingPlan, run_plan
+        from ..sampling.plan import SamplerSettings, SamplingPlan, run_plan, sigma_options
 
         upsampler = load_model(args.upsampler, loaded.device)
         if upsampler.cfg.task != "denoiser":
@@ -194,8 +195,9 @@ class UpsampleFeature:
                  else args.upsampler_guidance_scale)
         if scale < 0:
             raise UserError(f"--upsampler-guidance-scale must be >= 0, got {scale}")
-        settings = SamplerSettings(sampler, steps, scale, args.batch_size, args.dtype or default_precision(loaded.device))
-        stage = {f"upsampler_{k}": v for k, v in settings.meta().items()}
+        settings = SamplerSettings(sampler, steps, scale, args.batch_size, args.dtype or default_precision(loaded.device),
+                                   sigma_options(upsampler.cfg.sample))
+        stage = {f"upsampler_{k}": v for k, v in settings.meta(upsampler.schedule).items()}
         project = consistency(args, upsampler)
         stage.update(upsampler_checkpoint=str(upsampler.path), aug_level=str(level), consistency=str(project))
 

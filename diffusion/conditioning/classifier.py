@@ -16,6 +16,7 @@ from ..choices import GUIDANCE_FORMS as FORMS
 from ..errors import UserError
 from ..sampling.guidance import GuidanceTerm, gradient_term
 from ..sampling.plan import SampleItem
+from ..sampling.schedule import Schedule
 
 
 def check_form(form: str, sampler: str) -> None:
@@ -31,7 +32,9 @@ def check_compatible(denoiser: LoadedModel, classifier: LoadedModel, where: str)
     """Refuse a classifier trained for another schedule, resolution or set of classes."""
     if classifier.cfg.task != "classifier":
         raise UserError(f"--classifier {where} is a {classifier.cfg.task} checkpoint; train one with task: classifier")
-    for key in ("num_train_timesteps", "beta_schedule"):
+    keys = ("formulation", "sigma_data") if denoiser.cfg.diffusion.formulation == "edm" else (
+        "formulation", "num_train_timesteps", "beta_schedule")
+    for key in keys:
         mine, theirs = getattr(denoiser.cfg.diffusion, key), getattr(classifier.cfg.diffusion, key)
         if mine != theirs:
             raise UserError(
@@ -53,8 +56,9 @@ def class_name(classifier: LoadedModel, label: int) -> str:
     return names[label] if label < len(names) else str(label)
 
 
-def classifier_terms(model: torch.nn.Module, scale: float, form: str = "eps"):
-    """A plan term factory: for a batch of items, the gradient term toward each item's `label`."""
+def classifier_terms(model: torch.nn.Module, scale: float, form: str = "eps", schedule: Schedule | None = None):
+    """A plan term factory: for a batch of items, the gradient term toward each item's `label`.
+    `schedule` (the classifier's, the same as the denoiser's) gives the network's input (edm: c_in x, c_noise)."""
 
     def make(items: Sequence[SampleItem]) -> GuidanceTerm:
         if any(item.label is None for item in items):
@@ -62,7 +66,8 @@ def classifier_terms(model: torch.nn.Module, scale: float, form: str = "eps"):
         labels = torch.tensor([item.label for item in items], dtype=torch.long)
 
         def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model.log_prob(x, t, labels.to(x.device))
+            x_in, t_in = (x, t) if schedule is None else schedule.network_input(x, t)
+            return model.log_prob(x_in, t_in, labels.to(x.device))
 
         return gradient_term(log_prob, scale, form)
 

@@ -25,21 +25,20 @@ import torch.nn.functional as F
 from ..checkpoints.load import LoadedModel
 from ..errors import UserError, first_line
 from ..sampling.guidance import GuidanceTerm, StepInfo, gradient_term, shift_eps
-from ..sampling.schedule import epsilon_to_x0
+from ..sampling.schedule import Schedule, epsilon_to_x0, time_map
 
 CUTOUT_SEED_OFFSET = 1_000_003  # cutout generators: seed + offset, separate from the sampling noise
 CUTOUT_MIN_SIZE = 0.5  # smallest cutout side, as a fraction of the image side
 
 
 class NoiseAwareGuide:
-    """A NoisyCLIP run, scoring x_t at the CLIP timestep with the denoiser's noise level."""
+    """A NoisyCLIP run, scoring x_t at the CLIP time of the denoiser's noise level (the same t when both
+    were trained with the same schedule, as they should be; else mapped through sigma), read through
+    the CLIP's own formulation (edm: c_in x and c_noise)."""
 
-    def __init__(self, loaded: LoadedModel, denoiser_alpha_bars: torch.Tensor):
-        self.model = loaded.model
-        clip_alphas = loaded.schedule.table[:-1].float().cpu()
-        # identity when both were trained with the same schedule, as they should be
-        self.t_map = (denoiser_alpha_bars.float().cpu()[:, None] - clip_alphas[None]).abs().argmin(dim=1)
-        self.t_map = self.t_map.to(loaded.device)
+    def __init__(self, loaded: LoadedModel, denoiser_schedule: Schedule):
+        self.model, self.schedule = loaded.model, loaded.schedule
+        self.t_map = time_map(denoiser_schedule, loaded.schedule)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
@@ -47,7 +46,7 @@ class NoiseAwareGuide:
 
     def term(self, text: torch.Tensor, scale: float, form: str, seeds: Sequence[int]) -> GuidanceTerm:
         def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.model.similarity(x, self.t_map[t], text.to(x.device))
+            return self.model.similarity(*self.schedule.network_input(x, self.t_map(t)), text.to(x.device))
 
         return gradient_term(log_prob, scale, form)
 

@@ -9,6 +9,9 @@ told the level (`aug_level`, see diffusion/models/denoiser.py).
 Levels: an integer L in 0..T (T = diffusion.num_train_timesteps). L = 0 is the clean low-res;
 L >= 1 noises it as training timestep L - 1 does x_0: sqrt(ab) low + sqrt(1 - ab) noise. On the
 command line and in the config a level is a fraction of T in [0, 1] (0.25 = DeepFloyd's 250/1000).
+edm models take the level as a sigma >= 0 instead: low + sigma noise, drawn uniformly from
+`aug_noise` in training; the model reads it as it reads its own noise level, c_noise = ln(sigma) / 4,
+with sigma floored at diffusion.sigma_min (0 = clean).
 
 Low-res consistency (`upsample.consistency`, `--consistency`): at every sampling step the predicted
 x0 is projected so that it downsamples exactly to the low-res input (`consistency_term`).
@@ -24,7 +27,7 @@ from ..config import Config, UpsampleConfig
 from ..data.items import ItemRandom, dataset_item
 from ..errors import UserError
 from ..sampling.guidance import GuidanceTerm, StepInfo
-from ..sampling.schedule import NoiseSchedule, epsilon_to_x0, x0_to_epsilon
+from ..sampling.schedule import EDMSchedule, Schedule, epsilon_to_x0, x0_to_epsilon
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
@@ -104,28 +107,51 @@ def level_index(fraction: float, num_train_timesteps: int) -> int:
     return round(fraction * num_train_timesteps)
 
 
-def augment(channels: torch.Tensor, level: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor) -> torch.Tensor:
-    """Noise the channels to integer levels (B,): level 0 leaves them clean."""
+def aug_level(value: float, schedule: Schedule) -> int | float:
+    """A level from the command line or config: the integer level of a fraction of T (ddpm), or sigma (edm)."""
+    if schedule.formulation != "edm":
+        return level_index(value, schedule.num_train_timesteps)
+    if not value >= 0.0:
+        raise UserError(f"an edm model's aug level is a noise level sigma >= 0 (0 = clean); got {value}")
+    return float(value)
+
+
+def level_input(level: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """What the model reads as `aug_level`: the integer level (ddpm), or c_noise of sigma floored at sigma_min (edm)."""
+    if not isinstance(schedule, EDMSchedule):
+        return level
+    return schedule.c_noise(level.float().clamp(min=schedule.sampling_range[0]))
+
+
+def augment(channels: torch.Tensor, level: torch.Tensor, schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
+    """Noise the channels to levels (B,): level 0 leaves them clean."""
+    if schedule.formulation == "edm":
+        return channels + level.to(channels.device, channels.dtype).view(-1, 1, 1, 1) * noise
     ab = schedule.alpha_bar(level.to(schedule.device) - 1).to(channels.device, channels.dtype)
     return ab.sqrt() * channels + (1 - ab).sqrt() * noise
 
 
-def training_condition(low: torch.Tensor, cfg: Config, schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
+def training_condition(low: torch.Tensor, cfg: Config, schedule: Schedule) -> dict[str, torch.Tensor]:
     """`channels` and `aug_level` for one training batch of low-res images, levels uniform in aug_noise."""
-    T = schedule.num_train_timesteps
-    lo, hi = (level_index(f, T) for f in cfg.upsample.aug_noise)
-    level = torch.randint(lo, hi + 1, (low.shape[0],), device=low.device)
+    if schedule.formulation == "edm":
+        lo, hi = cfg.upsample.aug_noise
+        level = lo + (hi - lo) * torch.rand(low.shape[0], device=low.device)
+    else:
+        lo, hi = (level_index(f, schedule.num_train_timesteps) for f in cfg.upsample.aug_noise)
+        level = torch.randint(lo, hi + 1, (low.shape[0],), device=low.device)
     channels = upsample_channels(low, cfg.data.resolution, cfg.upsample)
-    return {"channels": augment(channels, level, schedule, torch.randn_like(channels)), "aug_level": level}
+    noisy = augment(channels, level, schedule, torch.randn_like(channels))
+    return {"channels": noisy, "aug_level": level_input(level, schedule)}
 
 
-def sampling_condition(low: torch.Tensor, cfg: Config, schedule: NoiseSchedule, level: int,
+def sampling_condition(low: torch.Tensor, cfg: Config, schedule: Schedule, level: int | float,
                        seed: int) -> dict[str, torch.Tensor]:
     """`channels` and `aug_level` for one low-res image (1, 3, r, r); the augmentation noise comes from `seed`."""
     channels = upsample_channels(low.float(), cfg.data.resolution, cfg.upsample)
     noise = torch.randn(channels.shape, generator=torch.Generator().manual_seed(int(seed) + 7919))
     level_t = torch.tensor([level])
-    return {"channels": augment(channels, level_t, schedule.to("cpu"), noise), "aug_level": level_t}
+    schedule = schedule.to("cpu")
+    return {"channels": augment(channels, level_t, schedule, noise), "aug_level": level_input(level_t, schedule)}
 
 
 class WithLowRes(torch.utils.data.Dataset):

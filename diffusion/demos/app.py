@@ -143,8 +143,9 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
             rescale = gr.Slider(0, 1, value=0, step=0.05, label="CFG rescale phi (0 = off)")
             threshold = gr.Number(None, label="dynamic threshold percentile, 50..100 (blank = off)")
             with gr.Row():
-                lo = gr.Number(None, label="guidance interval LO timestep (blank = off)")
-                hi = gr.Number(None, label="guidance interval HI timestep")
+                unit = "sigma" if info.formulation == "edm" else "timestep"
+                lo = gr.Number(None, label=f"guidance interval LO {unit} (blank = off)")
+                hi = gr.Number(None, label=f"guidance interval HI {unit}")
         return [label, prompt, negative, scale, sampler, steps, seed], [classifier_scale, clip_scale, rescale, threshold, lo, hi]
 
     @shown_errors
@@ -261,8 +262,9 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                                           file_types=["image"], elem_id="up-upload")
                         cascade = gr.Button("use the first image of the last Generate (cascade)", elem_id="up-cascade")
                         up_label, up_prompt, up_negative, up_scale, up_sampler, up_steps, up_seed = upscale_controls(up_info)
-                        aug = gr.Number(up_info.aug_level, step=0.05, label="aug level: noise on the low-res input, "
-                                        "a fraction of the training timesteps in [0, 1] (0 = clean)", elem_id="up-aug")
+                        unit = "a sigma >= 0" if up_info.formulation == "edm" else "a fraction of the training timesteps in [0, 1]"
+                        aug = gr.Number(up_info.aug_level, step=0.05, label=f"aug level: noise on the low-res input, "
+                                        f"{unit} (0 = clean)", elem_id="up-aug")
                         consistency = gr.Checkbox(bool(up_info.consistency), elem_id="up-consistency",
                                                   label="match the input exactly (the result downsamples to it)")
                         up_go = gr.Button("Upscale", variant="primary", elem_id="up-button")

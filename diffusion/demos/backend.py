@@ -59,11 +59,12 @@ class ModelInfo:
     sampler: str
     steps: int
     guidance_scale: float
-    num_train_timesteps: int
+    num_train_timesteps: int  # also the most steps the page offers (edm runs: diffusion.num_train_timesteps, 1000)
     inpaint_model: bool
     aug_level: float | None = None  # upsamplers: the config's default aug level (a fraction of T)
     low_resolution: int | None = None  # upsamplers: the input side
     consistency: bool | None = None  # upsamplers: the config's default low-res consistency projection
+    formulation: str = "ddpm"  # ddpm: noise levels are timesteps (aug level: a fraction of them); edm: sigma
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Models:
         return ModelInfo(condition, names, cfg.data.resolution, cfg.sample.sampler, cfg.sample.steps,
                          cfg.sample.guidance_scale, cfg.diffusion.num_train_timesteps, bool(cfg.model.inpaint),
                          cfg.upsample.aug_level if upsampler else None, up.low_resolution(cfg) if upsampler else None,
-                         cfg.upsample.consistency if upsampler else None)
+                         cfg.upsample.consistency if upsampler else None, cfg.diffusion.formulation)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class GenerateRequest:
     inpaint_method: str | None = None  # in-painting only
     jump_length: int = 5
     jump_n_sample: int = 5
-    aug_level: float | None = None  # upscaling only: a fraction of the training timesteps in [0, 1]
+    aug_level: float | None = None  # upscaling only: a fraction of the training timesteps in [0, 1] (edm: sigma)
     consistency: bool | None = None  # upscaling only: the low-res consistency projection (None: the config's)
 
 

@@ -23,7 +23,7 @@ from ..device import default_precision, pick_device
 from ..errors import UserError, exit_on_user_error
 from ..io import atomic_write
 from ..sampling.images import to_pil
-from ..sampling.plan import SamplerSettings
+from ..sampling.plan import SamplerSettings, sigma_options
 from ..sampling.samplers import SAMPLERS
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
     images = photos.repeat_interleave(len(kinds), 0)
     keeps = seeded_mask_grid(kinds, len(photos), res, args.seed)
     settings = SamplerSettings(sampler, args.steps or loaded.cfg.sample.steps, args.guidance_scale,
-                               precision=default_precision(device))
+                               precision=default_precision(device), sigmas=sigma_options(loaded.cfg.sample))
     results = run_inpainting(loaded, images, keeps, method, settings, seed=args.seed, jump_length=args.jump_length,
                              jump_n_sample=args.jump_n_sample, bar=True)
     cells = torch.stack([files.strip(im, kp, r, pad=2) for im, kp, r in zip(images, keeps, results)])

@@ -9,4 +9,5 @@ COMMANDS: dict[str, str] = {
     "inpaint": "diffusion.evaluate.inpaint",
     "fid": "diffusion.evaluate.fid",
     "upsample": "diffusion.evaluate.upsample",
+    "train-extractor": "diffusion.evaluate.train_extractor",
 }

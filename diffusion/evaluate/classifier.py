@@ -19,8 +19,8 @@ from ..data import build_dataset
 from ..device import pick_device
 from ..errors import UserError
 from ..models.classifier import NoisyClassifier
-from ..sampling.schedule import build_train_scheduler
-from .buckets import bucket_accuracy, format_table, write_bucket_report
+from ..sampling.schedule import build_schedule, build_train_scheduler
+from .buckets import bucket_accuracy, format_table, noise_positions, noisy_inputs, write_bucket_report
 
 PREVIEW_SAMPLES = 600  # held-out images per training-time accuracy report (60 per timestep bucket)
 REPORT_NAME = "classifier_accuracy"
@@ -42,8 +42,8 @@ def held_out_accuracy(model: NoisyClassifier, cfg: Config, num_samples: int, see
     bucket gets the same number of images; the noise is seeded, so reports are comparable across steps.
     """
     dataset = build_dataset(cfg.data, held_out_split(cfg.data))
-    scheduler = build_train_scheduler(cfg.diffusion)
-    total = scheduler.config.num_train_timesteps
+    scheduler, schedule = build_train_scheduler(cfg.diffusion), build_schedule(cfg.diffusion)
+    total = noise_positions(schedule)
     generator = torch.Generator().manual_seed(seed)
     n = min(num_samples, len(dataset))
     indices = torch.randperm(len(dataset), generator=generator)[:n].tolist()
@@ -57,12 +57,12 @@ def held_out_accuracy(model: NoisyClassifier, cfg: Config, num_samples: int, see
             x0 = torch.stack([dataset[i]["image"] for i in indices[start:start + batch_size]])
             labels = torch.tensor([dataset[i]["label"] for i in indices[start:start + batch_size]])
             t = timesteps[start:start + len(x0)]
-            x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
-            logits = model(x_t.to(device), t.to(device))
+            x_t, t_in = noisy_inputs(schedule, scheduler, x0, torch.randn(x0.shape, generator=generator), t)
+            logits = model(x_t.to(device), t_in.to(device))
             correct.append(logits.argmax(dim=-1).cpu() == labels)
     finally:
         model.train(was_training)
-    return bucket_accuracy(torch.cat(correct), timesteps, total)
+    return bucket_accuracy(torch.cat(correct), timesteps, total, schedule=schedule)
 
 
 def summary_line(rows: list[dict]) -> str:

@@ -19,8 +19,8 @@ from ..data import build_dataset
 from ..device import pick_device
 from ..errors import UserError
 from ..models.clip import NoisyCLIP
-from ..sampling.schedule import build_train_scheduler
-from .buckets import bucket_accuracy, format_table, write_bucket_report
+from ..sampling.schedule import build_schedule, build_train_scheduler
+from .buckets import bucket_accuracy, format_table, noise_positions, noisy_inputs, write_bucket_report
 
 DIAGNOSTICS_DIR = "diagnostics"
 REPORT_NAME = "clip_retrieval"
@@ -56,10 +56,10 @@ def retrieval_buckets(model: NoisyCLIP, cfg: Config, num_samples: int = 1000, bu
     gen = torch.Generator().manual_seed(seed)
     n = min(num_samples, len(dataset))
     indices = torch.randperm(len(dataset), generator=gen)[:n].tolist()
-    total = cfg.diffusion.num_train_timesteps
+    scheduler, schedule = build_train_scheduler(cfg.diffusion), build_schedule(cfg.diffusion)
+    total = noise_positions(schedule)
     width = total / buckets
     t = ((torch.arange(n) % buckets) * width + torch.rand(n, generator=gen) * width).long().clamp(max=total - 1)
-    scheduler = build_train_scheduler(cfg.diffusion)
     items = [dataset[i] for i in indices]
     captions = [item["caption"] for item in items]
     candidates = sorted(set(captions))
@@ -73,13 +73,13 @@ def retrieval_buckets(model: NoisyCLIP, cfg: Config, num_samples: int = 1000, bu
         for start in range(0, n, batch_size):
             x0 = torch.stack([item["image"] for item in items[start:start + batch_size]])
             tb = t[start:start + batch_size]
-            x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen), tb)
-            image = model.encode_image(x_t.to(device), tb.to(device))
+            x_t, t_in = noisy_inputs(schedule, scheduler, x0, torch.randn(x0.shape, generator=gen), tb)
+            image = model.encode_image(x_t.to(device), t_in.to(device))
             correct.append(retrieval_hits(image @ text.T, candidates, right[start:start + batch_size]))
     finally:
         model.train(was_training)
     chance = sum(len(ok) for ok in right) / (n * len(candidates))
-    return bucket_accuracy(torch.cat(correct), t, total, buckets), chance
+    return bucket_accuracy(torch.cat(correct), t, total, buckets, schedule), chance
 
 
 def write_report(rows: list[dict], chance: float, out_dir: Path, name: str) -> tuple[Path, Path]:

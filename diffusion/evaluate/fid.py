@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-root", default=None, help="data root of a named reference dataset")
     parser.add_argument("--reference-num", type=int, default=0, help="use the first N reference images (0 = all)")
     parser.add_argument("--num-samples", type=int, default=50000, help="samples to score")
-    parser.add_argument("--sampler", default=None, help="ddpm, ddim or dpmsolver (default: the run's config)")
+    parser.add_argument("--sampler", default=None, help="ddpm, ddim, dpmsolver, heun or euler (default: the run's config)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config; ddpm: 1000)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (0 uncond., 1 cond.; default: config)")
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed+i")

@@ -27,7 +27,7 @@ from ..conditioning.inpaint.methods import METHODS, is_inpaint_model, run_inpain
 from ..data import build_dataset
 from ..device import default_precision, pick_device
 from ..errors import UserError
-from ..sampling.plan import SamplerSettings
+from ..sampling.plan import SamplerSettings, sigma_options
 from ..sampling.samplers import SAMPLERS
 
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=16, help="held-out images; each gets every mask type")
     parser.add_argument("--images", default=None, help="folder of images (default: the checkpoint's dataset)")
     parser.add_argument("--split", default="test", help="dataset split of the held-out images")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the same for every method (repaint needs ddpm or ddim)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the same for every method (repaint needs ddpm, ddim, heun or euler)")
     parser.add_argument("--steps", type=int, default=None, help="default: the checkpoint's sample.steps")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for conditional models")
     parser.add_argument("--jump-length", type=int, default=5)
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         same_kind = loaded.cfg.model.condition == main.cfg.model.condition
         start = time.perf_counter()
         settings = SamplerSettings(args.sampler, steps, args.guidance_scale, args.batch_size,
-                                   default_precision(device))
+                                   default_precision(device), sigma_options(loaded.cfg.sample))
         results = run_inpainting(loaded, images, keeps, method, settings, conds=conds if same_kind else None,
                                  seed=args.seed, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
         row = {"method": method, "checkpoint": str(loaded.path), **score(results, images, keeps, kinds),

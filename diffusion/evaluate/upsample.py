@@ -34,14 +34,15 @@ from ..device import default_precision, pick_device
 from ..errors import UserError
 from ..io import atomic_write_text
 from ..sampling.images import save_grid, save_png
-from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan
+from ..sampling.plan import SampleItem, SamplerSettings, SamplingPlan, run_plan, sigma_options
 from ..sampling.samplers import SAMPLERS
 from .inpaint import held_out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="upsampler run (model.upsample: true)")
-    parser.add_argument("--aug-levels", default="0,0.1,0.25", help="comma-separated fractions of the training timesteps")
+    parser.add_argument("--aug-levels", default="0,0.1,0.25",
+                        help="comma-separated fractions of the training timesteps (edm upsamplers: sigmas)")
     parser.add_argument("--consistency", choices=("both", "on", "off"), default="both",
                         help="score the SR with the low-res consistency projection, without it, or both")
     parser.add_argument("--num-images", type=int, default=64, help="held-out images")
@@ -88,28 +89,31 @@ def score(results: torch.Tensor, originals: torch.Tensor, low: torch.Tensor, cfg
     }
 
 
-def parse_levels(text: str) -> list[float]:
+def parse_levels(text: str, formulation: str = "ddpm") -> list[float]:
+    """Fractions of the timesteps in [0, 1], or sigmas >= 0 for an edm upsampler."""
+    top, what = (float("inf"), "sigmas >= 0") if formulation == "edm" else (1.0, "fractions in [0, 1]")
     try:
         levels = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--aug-levels must be comma-separated numbers in [0, 1]; got {text!r}") from None
-    if not levels or not all(0.0 <= v <= 1.0 for v in levels):
-        raise UserError(f"--aug-levels must be comma-separated fractions in [0, 1]; got {text!r}")
+        raise UserError(f"--aug-levels must be comma-separated {what}; got {text!r}") from None
+    if not levels or not all(0.0 <= v <= top for v in levels):
+        raise UserError(f"--aug-levels must be comma-separated {what}; got {text!r}")
     return levels
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    levels = parse_levels(args.aug_levels)
+    parse_levels(args.aug_levels, "edm")  # the form, before loading anything
     device = pick_device(args.device)
     loaded = load_model(args.checkpoint, device)
     if not loaded.cfg.model.upsample:
         raise UserError(f"{args.checkpoint} is not an upsampler (model.upsample: false)")
+    levels = parse_levels(args.aug_levels, loaded.cfg.diffusion.formulation)
     cfg = loaded.cfg
     originals, conds = held_out(loaded, args)
     low = up.make_low_res(originals, cfg.upsample)
     res = cfg.data.resolution
     settings = SamplerSettings(args.sampler or cfg.sample.sampler, args.steps or cfg.sample.steps, args.guidance_scale,
-                               args.batch_size, default_precision(device))
+                               args.batch_size, default_precision(device), sigma_options(cfg.sample))
     out = Path(args.out)
     rows, shown = [], {}
 
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         add(name, "", results, time.perf_counter() - start, name, {"method": name})
     projections = {"both": (False, True), "on": (True,), "off": (False,)}[args.consistency]
     for fraction, project in ((f, p) for f in levels for p in projections):
-        level = up.level_index(fraction, loaded.schedule.num_train_timesteps)
+        level = up.aug_level(fraction, loaded.schedule)
         items = [SampleItem(seed=args.seed + i, low_res=low[i:i + 1], cond={**conds[i], **up.sampling_condition(
             low[i:i + 1], cfg, loaded.schedule, level, args.seed + i)}) for i in range(len(low))]
         plan = SamplingPlan(items, constraints=[up.consistency_constraint(cfg)] if project else [])

@@ -2,6 +2,8 @@
 classifier and CLIP. `build_model` picks the one a config's `task` trains."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import Config
@@ -18,6 +20,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
         return NoisyCLIP(cfg)
     model = build_denoiser(cfg.model, cfg.data.resolution, cfg.model.num_classes)
     model.preview_prompts = list(cfg.sample.prompts)
+    if cfg.diffusion.formulation == "edm":
+        model.clean_aug_level = math.log(cfg.diffusion.sigma_min) / 4  # c_noise of the clean low-res
     return model
 
 

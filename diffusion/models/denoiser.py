@@ -14,7 +14,8 @@ embedding is projected by one linear layer and added to the timestep embedding, 
 that is diffusers' `class_embed_type="simple_projection"`, fed the pooled text embedding.
 
 Upsamplers (model.upsample) read the bilinearly upsampled low-res image as 3 extra channels and
-the noise-augmentation level `aug_level` (B,) in 0..T (0 = clean low-res). The level is embedded
+the noise-augmentation level `aug_level` (B,) in 0..T (0 = clean low-res; edm models: c_noise of the
+augmentation sigma, see diffusion/conditioning/upsample.py). The level is embedded
 like a timestep (sinusoidal features + MLP, `LevelEmbedding`) and added to the U-Net's timestep
 embedding through a forward hook on `unet.time_embedding`. That leaves diffusers' class-embedding
 slot to class labels (UNet2DModel) or the pooled caption (UNet2DConditionModel), so the level
@@ -116,6 +117,7 @@ class Denoiser(nn.Module):
                 **unet_kwargs(cfg, resolution),
             )
         self.upsample = cfg.upsample
+        self.clean_aug_level: int | float = 0  # what `aug_level` the clean low-res is (the formulation's)
         self._level: torch.Tensor | None = None  # the level embedding of the current forward call
         if self.upsample:
             width = self.unet.time_embedding.linear_2.out_features
@@ -143,8 +145,8 @@ class Denoiser(nn.Module):
             x = torch.cat([x, channels.to(x.dtype)], dim=1)
         if not self.upsample:
             return self._unet(x, t, labels, tokens)
-        if aug_level is None:
-            aug_level = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
+        if aug_level is None:  # the clean low-res (edm models read c_noise: build_model sets their clean level)
+            aug_level = torch.full((x.shape[0],), self.clean_aug_level, device=x.device)
         self._level = self.level_embedding(aug_level.expand(x.shape[0]))
         try:
             return self._unet(x, t, labels, tokens)

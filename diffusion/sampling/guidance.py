@@ -24,19 +24,19 @@ from typing import Callable, Protocol
 import torch
 
 from .samplers import Step
-from .schedule import NoiseSchedule, epsilon_to_x0, to_epsilon, x0_to_epsilon
+from .schedule import Schedule, epsilon_to_x0, x0_to_epsilon
 
 
 @dataclass
 class StepInfo:
     """What the model function, guidance terms and post-step hooks see at one step."""
 
-    x: torch.Tensor  # x_t, (B, C, H, W)
-    t: torch.Tensor  # (B,) integer timesteps, the ones the denoiser sees
-    step: Step  # the same t as a Python int, and t_next (-1 = clean)
+    x: torch.Tensor  # x_t, (B, C, H, W), in VP form whatever the formulation (see schedule.py)
+    t: torch.Tensor  # (B,) model time: integer timesteps, fractional ones (sigma samplers), or sigma (edm)
+    step: Step  # the same t as a Python number, and t_next (-1 = clean)
     alpha_bar: torch.Tensor  # (B, 1, 1, 1) at t
     alpha_bar_next: torch.Tensor  # (B, 1, 1, 1) at t_next (1 for the clean image)
-    schedule: NoiseSchedule
+    schedule: Schedule
     generators: list[torch.Generator] = field(default_factory=list)
 
 
@@ -100,10 +100,11 @@ class CFGOptions:
     """Refinements of classifier-free guidance, off by default.
 
     - `rescale` phi > 0: `rescale_guidance` on the predicted x0 of the guided output;
-    - `interval` (lo, hi): guidance only at timesteps lo <= t <= hi; elsewhere the plain conditional
+    - `interval` (lo, hi): guidance only at model times lo <= t <= hi; elsewhere the plain conditional
       prediction (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval improves sample
-      and distribution quality"; they give the interval in sigma, we in training timesteps). The same
-      interval limits gradient guidance (classifier, CLIP): see `within_interval`;
+      and distribution quality"). Model time is the training timestep for ddpm models and sigma (as
+      in the paper) for edm models. The same interval limits gradient guidance (classifier, CLIP):
+      see `within_interval`;
     - `threshold` P: Imagen's dynamic thresholding of x0 at percentile P instead of clipping.
     """
 
@@ -133,11 +134,11 @@ class ClassifierFreeGuidance:
 
     def predict(self, x: torch.Tensor, info: StepInfo, cond: dict[str, torch.Tensor], repeat: int = 1) -> torch.Tensor:
         t = info.t.repeat(repeat)
+        x_in, t_in = info.schedule.network_input(x, t)  # edm: preconditioned input and c_noise
         context = torch.autocast(x.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with context:
-            out = self.denoiser(x, t, **cond)
-        ab = info.alpha_bar.repeat(repeat, 1, 1, 1)
-        return to_epsilon(out.float(), x.float(), ab, info.schedule.prediction_type)
+            out = self.denoiser(x_in, t_in, **cond)
+        return info.schedule.to_epsilon(out.float(), x.float(), t)
 
     def __call__(self, x: torch.Tensor, info: StepInfo) -> torch.Tensor:
         if self.scale == 0 or not self.cond:

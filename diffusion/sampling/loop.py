@@ -4,6 +4,8 @@ Sample i of a run uses its own generator seeded with `seed + i` for both its sta
 later noise draw, so any sample can be regenerated alone, in any batch. One step is, in order:
 model function -> guidance terms -> x0 clipped or thresholded -> constraints -> sampler update ->
 post-step hooks (see `guidance.py`). Guidance terms and hooks are passed in, so features never edit the loop.
+The first four are `Trajectory.predict`; a second-order sampler (Heun) calls it again at its second
+point, so the prediction there is guided, clipped and constrained the same way.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from .guidance import GuidanceTerm, ModelFn, StepInfo, X0Processor, clip_x0, process_x0
 from .samplers import Sampler, Step, noise_from
-from .schedule import NoiseSchedule, epsilon_to_x0
+from .schedule import Schedule, epsilon_to_x0
 
 PostStep = Callable[[torch.Tensor, StepInfo], torch.Tensor]
 Progress = Callable[[int, int], None]  # (steps done, steps in all), e.g. a web page's progress bar
@@ -42,22 +44,23 @@ class Guidance:
 class Trajectory:
     """The state a loop needs: schedule on the sampling device, sampler and per-sample generators."""
 
-    schedule: NoiseSchedule
+    schedule: Schedule
     sampler: Sampler
     generators: list[torch.Generator]
     guidance: Guidance = field(default_factory=Guidance)
 
     def info(self, x: torch.Tensor, step: Step) -> StepInfo:
         batch = x.shape[0]
+        dtype = torch.long if isinstance(step.t, int) else torch.float32  # fractional timesteps, sigmas
         return StepInfo(
-            x=x, t=torch.full((batch,), step.t, device=x.device, dtype=torch.long), step=step,
+            x=x, t=torch.full((batch,), step.t, device=x.device, dtype=dtype), step=step,
             alpha_bar=self.schedule.alpha_bar(step.t).expand(batch).view(-1, 1, 1, 1),
             alpha_bar_next=self.schedule.alpha_bar(step.t_next).expand(batch).view(-1, 1, 1, 1),
             schedule=self.schedule, generators=self.generators,
         )
 
-    def step(self, model_fn: ModelFn, x: torch.Tensor, step: Step) -> torch.Tensor:
-        """x_t -> x_{t_next}."""
+    def predict(self, model_fn: ModelFn, x: torch.Tensor, step: Step) -> tuple[StepInfo, torch.Tensor]:
+        """The final eps at (x, step.t): model function, guidance terms, x0 processing, constraints."""
         info = self.info(x, step)
         eps = model_fn(x, info)
         for term in self.guidance.terms:
@@ -65,8 +68,18 @@ class Trajectory:
         eps = process_x0(eps, info, self.guidance.x0)  # the guided x0 is a clean image too: keep it in range
         for constraint in self.guidance.constraints:
             eps = constraint(eps, info)
+        return info, eps
+
+    def step(self, model_fn: ModelFn, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """x_t -> x_{t_next}."""
+        info, eps = self.predict(model_fn, x, step)
         x0 = epsilon_to_x0(eps, info.x, info.alpha_bar)
-        x = self.sampler.update(x, x0, eps, step, info.alpha_bar, info.alpha_bar_next, self.generators)
+
+        def predict_at(x_other: torch.Tensor, t_other: int | float) -> torch.Tensor:
+            """Heun's second point, seen by terms and constraints as a step that starts there."""
+            return self.predict(model_fn, x_other, Step(step.index, t_other, t_other))[1]
+
+        x = self.sampler.update(x, x0, eps, step, info.alpha_bar, info.alpha_bar_next, self.generators, predict_at)
         for hook in self.guidance.hooks:
             x = hook(x, info)
         return x

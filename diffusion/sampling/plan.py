@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.load import LoadedModel
 from ..checkpoints.store import TrainState
-from ..config import Config
+from ..config import Config, SampleConfig
 from ..device import autocast_dtype
 from .guidance import CFGOptions, ClassifierFreeGuidance, GuidanceTerm, within_interval
 from .images import save_grid
 from .loop import Guidance, Loop, PostStep, Progress, Trajectory, sample_loop, seeded_noise
-from .samplers import build_sampler
-from .schedule import NoiseSchedule
+from .samplers import SIGMA_SAMPLERS, SigmaOptions, build_sampler, sigma_range
+from .schedule import Schedule, build_schedule
 
 
 @dataclass
@@ -69,16 +69,30 @@ class SamplingPlan:
 
 @dataclass
 class SamplerSettings:
-    """How to sample: sampler and steps, CFG scale, batch size and the denoiser's precision."""
+    """How to sample: sampler and steps, CFG scale, batch size, the denoiser's precision, and the
+    Karras-sigma settings (heun and euler; every sampler on an edm model but ddpm-model timesteps)."""
 
     sampler: str = "ddim"
     steps: int = 50
     guidance_scale: float = 1.0
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16 (autocast of the denoiser; guidance gradients stay fp32)
+    sigmas: SigmaOptions = field(default_factory=SigmaOptions)
 
-    def meta(self) -> dict[str, str]:
-        return {"sampler": self.sampler, "steps": str(self.steps), "guidance_scale": str(self.guidance_scale)}
+    def meta(self, schedule: Schedule | None = None) -> dict[str, str]:
+        """PNG metadata; with the model's schedule, the sigma range and churn where the sampler uses them."""
+        out = {"sampler": self.sampler, "steps": str(self.steps), "guidance_scale": str(self.guidance_scale)}
+        if schedule is not None and (self.sampler in SIGMA_SAMPLERS or schedule.formulation == "edm"):
+            out.update(self.sigmas.meta(*sigma_range(schedule, self.sigmas)))
+        return out
+
+
+def sigma_options(sample: SampleConfig, **given) -> SigmaOptions:
+    """The run's `sample:` Karras-sigma settings, with any given ones (not None) in their place."""
+    values = dict(rho=sample.rho, churn=sample.churn, churn_min=sample.churn_min, churn_max=sample.churn_max,
+                  churn_noise=sample.churn_noise)
+    values.update({k: v for k, v in given.items() if v is not None})
+    return SigmaOptions(**values)
 
 
 def _stack(conds: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -116,7 +130,8 @@ def run_plan(loaded: LoadedModel, plan: SamplingPlan, settings: SamplerSettings,
                             terms=[within_interval(make(items), plan.cfg.interval) for make in plan.terms],
                             constraints=[make(items) for make in plan.constraints],
                             hooks=[make(items) for make in plan.hooks])
-        trajectory = Trajectory(schedule, build_sampler(schedule, settings.sampler, settings.steps), generators, guidance)
+        sampler = build_sampler(schedule, settings.sampler, settings.steps, settings.sigmas)
+        trajectory = Trajectory(schedule, sampler, generators, guidance)
         images = plan.loop(model_fn, trajectory, noise, advance).float().clamp(-1, 1)
         for finish in plan.finishers:
             images = finish(images, items)
@@ -129,10 +144,11 @@ def preview_grid(model: torch.nn.Module, cfg: Config, path: Path) -> None:
     """The training-time sample grid: classes cycled (conditional) or unconditional samples."""
     n = cfg.sample.num_samples
     device = next(model.parameters()).device
-    loaded = LoadedModel(cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(device), TrainState(), path)
+    loaded = LoadedModel(cfg, model, build_schedule(cfg.diffusion).to(device), TrainState(), path)
     items = [SampleItem(seed=i, cond=model.preview_condition(i) if hasattr(model, "preview_condition") else {})
              for i in range(n)]
-    settings = SamplerSettings(cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale, batch_size=n)
+    settings = SamplerSettings(cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale, batch_size=n,
+                               sigmas=sigma_options(cfg.sample))
     was_training = model.training
     model.eval()
     try:

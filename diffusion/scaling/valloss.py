@@ -1,7 +1,10 @@
 """A fixed validation loss: held-out images x seeded (t, noise) pairs, stratified over timesteps.
 
 Every run of a sweep sees exactly the same pairs, so losses compare across runs; the same weights
-give the same value bit for bit (fixed pairs, fixed batch order, float64 sums, eval mode).
+give the same value bit for bit (fixed pairs, fixed batch order, float64 sums, eval mode). edm runs
+(diffusion.formulation: edm) are scored with their own training loss at sigmas stratified over the
+training log-normal (bucket k holds its k-th quantile slice), so across formulations the numbers are
+each model's own objective, not one figure.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import torch
 
 from ..config import Config
 from ..data.subset import nested_subset_indices
-from ..sampling.schedule import build_train_scheduler, training_target
+from ..sampling.schedule import EDMSchedule, build_schedule, build_train_scheduler, training_target
+
+EDM_POSITIONS = 1000  # edm pairs: quantile positions of the training log-normal
 
 
 @dataclass
@@ -31,7 +36,7 @@ class ValSet:
     """The fixed pairs: pair i uses image i // repeats, timestep t[i] (in bucket[i]) and noise[i]."""
 
     images: torch.Tensor  # (M, 3, H, W)
-    t: torch.Tensor  # (P,)
+    t: torch.Tensor  # (P,) timesteps (ddpm) or sigmas (edm)
     bucket: torch.Tensor  # (P,)
     noise: torch.Tensor  # (P, 3, H, W)
     repeats: int
@@ -57,7 +62,11 @@ def build_valset(cfg: Config, vcfg: ValLossConfig) -> ValSet:
     images = torch.stack([dataset[i]["image"] for i in idx])
     gen = torch.Generator().manual_seed(vcfg.seed + 1)
     pairs = len(idx) * vcfg.repeats
-    t, bucket = stratified_timesteps(pairs, vcfg.buckets, cfg.diffusion.num_train_timesteps, gen)
+    edm = cfg.diffusion.formulation == "edm"
+    t, bucket = stratified_timesteps(pairs, vcfg.buckets, EDM_POSITIONS if edm else cfg.diffusion.num_train_timesteps, gen)
+    if edm:  # position -> the (position + 1/2) / POSITIONS quantile of ln(sigma) ~ N(p_mean, p_std^2)
+        normal = torch.erfinv(2 * (t.double() + 0.5) / EDM_POSITIONS - 1) * 2 ** 0.5
+        t = (cfg.diffusion.p_mean + cfg.diffusion.p_std * normal).exp().float()
     noise = torch.randn(pairs, *images.shape[1:], generator=gen)
     return ValSet(images, t, bucket, noise, vcfg.repeats, vcfg.buckets)
 
@@ -71,6 +80,7 @@ def validation_loss(model: torch.nn.Module, cfg: Config, valset: ValSet, batch_s
     model's own default when no condition is passed).
     """
     scheduler = scheduler or build_train_scheduler(cfg.diffusion)
+    schedule = build_schedule(cfg.diffusion)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -81,12 +91,15 @@ def validation_loss(model: torch.nn.Module, cfg: Config, valset: ValSet, batch_s
             t = valset.t[sl]
             x0 = valset.images[torch.arange(start, start + len(t)) // valset.repeats]
             noise = valset.noise[sl]
-            x_t = scheduler.add_noise(x0, noise, t)
+            if isinstance(schedule, EDMSchedule):
+                x_t, t_in, target = schedule.training_example(x0, noise, t)
+            else:
+                x_t, t_in, target = scheduler.add_noise(x0, noise, t), t, training_target(scheduler, x0, noise, t)
             kwargs = {}
             if getattr(model, "extra_channels", 0):  # in-painting: all-unknown mask, i.e. plain generation
                 kwargs["channels"] = torch.zeros(len(t), model.extra_channels, *x0.shape[2:], device=device)
-            pred = model(x_t.to(device), t.to(device), **kwargs).float().cpu()
-            target = training_target(scheduler, x0, noise, t).float()
+            pred = model(x_t.to(device), t_in.to(device), **kwargs).float().cpu()
+            target = target.float()
             per_pair[sl] = ((pred - target) ** 2).mean(dim=(1, 2, 3)).double().numpy()
     finally:
         model.train(was_training)

@@ -22,9 +22,9 @@ from ..config import Config
 from ..evaluate import classifier as classifier_eval
 from ..evaluate import clip as clip_eval
 from ..evaluate.buckets import write_bucket_report
-from ..models import Denoiser, NoisyClassifier, NoisyCLIP, build_model
+from ..models import Denoiser, NoisyClassifier, build_model
 from ..sampling.plan import preview_grid
-from ..sampling.schedule import NoiseSchedule, build_train_scheduler, training_target
+from ..sampling.schedule import EDMSchedule, build_schedule, build_train_scheduler, training_target
 
 
 class Task(Protocol):
@@ -42,12 +42,13 @@ class Task(Protocol):
 
 
 class DenoiserTask:
-    """Train the denoiser with the simple diffusion loss and CFG condition dropout."""
+    """Train the denoiser with CFG condition dropout: DDPM's simple loss on uniform timesteps, or EDM's
+    weighted loss on log-normal noise levels through the preconditioning (`EDMSchedule`)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.scheduler = build_train_scheduler(cfg.diffusion)
-        self.schedule = NoiseSchedule(self.scheduler.alphas_cumprod, cfg.diffusion.prediction_type)
+        self.schedule = build_schedule(cfg.diffusion)
 
     def build_model(self) -> Denoiser:
         return build_model(self.cfg)
@@ -66,13 +67,16 @@ class DenoiserTask:
     def loss(self, model, core, batch):
         x0 = batch["image"]
         noise = torch.randn_like(x0)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        x_t = self.scheduler.add_noise(x0, noise, t)
+        if isinstance(self.schedule, EDMSchedule):  # lambda(sigma) ||D - x0||^2 = ||F - target||^2
+            x_t, t, target = self.schedule.training_example(x0, noise, self.schedule.training_sigmas(len(x0), x0.device))
+        else:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            x_t, target = self.scheduler.add_noise(x0, noise, t), None
         if self.cfg.train.channels_last and x0.is_cuda:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         pred = model(x_t, t, **self.condition(core, batch, x0))
-        loss = F.mse_loss(pred.float(), training_target(self.scheduler, x0, noise, t).float())
-        return loss, {}
+        target = training_target(self.scheduler, x0, noise, t) if target is None else target
+        return F.mse_loss(pred.float(), target.float()), {}
 
     def preview(self, core, step, run_dir):
         preview_grid(core, self.cfg, run_dir / "samples" / f"step-{step:06d}.png")
@@ -84,36 +88,54 @@ class DenoiserTask:
         in `text_encoder/` (`diffusion.models.text.TextEncoder.from_pretrained`, open_clip tokenizer).
         `model_index.json` makes the folder a `diffusion.pipeline.GuidedDiffusionPipeline`.
         """
-        from ..pipeline import write_model_index
+        from ..pipeline import export_scheduler, write_model_index
 
         core.unet.save_pretrained(out_dir / "unet")
-        # the training schedule; "trailing" spacing, the timesteps every sampler here visits, for diffusers loops
-        type(self.scheduler).from_config(self.scheduler.config, timestep_spacing="trailing").save_pretrained(
-            out_dir / "scheduler")
+        scheduler = export_scheduler(self.cfg.diffusion, self.scheduler)
+        scheduler.save_pretrained(out_dir / "scheduler")
         text = getattr(core, "text_encoder", None) is not None
         if text:
             core.text_encoder.save_pretrained(out_dir / "text_encoder")
         if not getattr(core, "extra_channels", 0):  # in-painting U-Nets need channels the pipeline does not make
-            write_model_index(out_dir, text, type(core.unet).__name__)
+            write_model_index(out_dir, text, type(core.unet).__name__, type(scheduler).__name__)
 
 
-class ClassifierTask:
-    """Cross-entropy on x_t = q_sample(x_0, t), t uniform over the denoiser's schedule."""
+class GuideTask:
+    """Shared by the noise-aware guides: their noisy inputs, at the noise levels their denoiser samples.
+
+    ddpm: x_t = q_sample(x_0, t), t uniform over the timesteps. edm: sigma log-uniform over the
+    sampling range (`EDMSchedule.guide_sigmas`), read through the same preconditioning (c_in x,
+    c_noise) as the denoiser's network, so `schedule.network_input` maps a sampler's x_t to it.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.scheduler = build_train_scheduler(cfg.diffusion)
+        self.schedule = build_schedule(cfg.diffusion)
 
-    def build_model(self) -> NoisyClassifier:
+    def build_model(self) -> torch.nn.Module:
         return build_model(self.cfg)
+
+    def noisy_input(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(network input, network time) for clean images x0."""
+        noise = torch.randn_like(x0)
+        if isinstance(self.schedule, EDMSchedule):
+            sigma = self.schedule.guide_sigmas(torch.rand(len(x0), device=x0.device))
+            x_t, t, _ = self.schedule.training_example(x0, noise, sigma)
+        else:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            x_t = self.scheduler.add_noise(x0, noise, t)
+        if self.cfg.train.channels_last and x0.is_cuda:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return x_t, t
+
+
+class ClassifierTask(GuideTask):
+    """Cross-entropy on noisy images (`GuideTask.noisy_input`)."""
 
     def loss(self, model, core, batch):
         x0, labels = batch["image"], batch["label"]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        x_t = self.scheduler.add_noise(x0, noise, t)
-        if self.cfg.train.channels_last and x0.is_cuda:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        x_t, t = self.noisy_input(x0)
         logits = model(x_t, t).float()
         loss = F.cross_entropy(logits, labels)
         return loss, {"accuracy": (logits.argmax(dim=-1) == labels).float().mean().detach()}
@@ -135,8 +157,8 @@ class ClassifierTask:
         self.report(core, out_dir, classifier_eval.REPORT_NAME, "noisy classifier, final")
 
 
-class ClipTask:
-    """Contrastive training of NoisyCLIP on (x_t, caption) pairs with t uniform over the schedule.
+class ClipTask(GuideTask):
+    """Contrastive training of NoisyCLIP on (noisy image, caption) pairs (`GuideTask.noisy_input`).
 
     In-batch negatives are per device (ClipLoss without feature gathering). Captions that repeat
     inside a batch count as negatives of each other, as in open_clip's own training: on a dataset
@@ -144,17 +166,11 @@ class ClipTask:
     """
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.scheduler = build_train_scheduler(cfg.diffusion)
+        super().__init__(cfg)
         self.loss_fn = open_clip.ClipLoss()
 
-    def build_model(self) -> NoisyCLIP:
-        return build_model(self.cfg)
-
     def loss(self, model, core, batch):
-        x0 = batch["image"]
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        x_t = self.scheduler.add_noise(x0, torch.randn_like(x0), t)
+        x_t, t = self.noisy_input(batch["image"])
         image, text, scale = model(x_t, t, batch["tokens"])  # word drop and tokens: diffusion.training.batches
         return self.loss_fn(image.float(), text.float(), scale.float()), {}
 

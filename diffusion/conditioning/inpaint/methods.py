@@ -25,6 +25,8 @@ from ...sampling.loop import Loop, PostStep, Progress, Trajectory
 from ...sampling.plan import KnownPixels, SampleItem, SamplerSettings, SamplingPlan, run_plan
 from ...sampling.samplers import noise_from
 
+REVISITING = ("ddpm", "ddim", "heun", "euler")  # samplers whose steps read x alone (`Sampler.revisits`)
+
 
 # -- GLIDE's channels ---------------------------------------------------------------------------
 
@@ -53,9 +55,9 @@ def check_method(method: str, cfg: Config, sampler: str) -> None:
     if method == "channels" and not is_inpaint_model(cfg):
         raise UserError("--inpaint-method channels needs an in-painting checkpoint (model.inpaint: true); "
                         "use replace or repaint with this one")
-    if method == "repaint" and sampler not in ("ddpm", "ddim"):
+    if method == "repaint" and sampler not in REVISITING:
         raise UserError(f"--inpaint-method repaint goes back in time, which the {sampler} sampler cannot; "
-                        "pass --sampler ddim or --sampler ddpm")
+                        "pass --sampler ddim (or ddpm, heun, euler)")
 
 
 def inpaint_condition(cfg: Config, image: torch.Tensor, keep: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
@@ -153,7 +155,8 @@ def repaint_loop(jump_length: int, jump_n_sample: int) -> Loop:
              progress: Progress | None = None) -> torch.Tensor:
         sampler = trajectory.sampler
         if not sampler.revisits:
-            raise UserError(f"repaint goes back in time, which the {sampler.name} sampler cannot: pass --sampler ddim")
+            raise UserError(f"repaint goes back in time, which the {sampler.name} sampler cannot: pass --sampler ddim "
+                            "(or ddpm, heun, euler)")
         steps = sampler.steps
         n = len(steps)
 

@@ -1,0 +1,93 @@
+"""EDM against DDPM at equal training compute: FID/KID of each (model, sampler, steps) row.
+
+Each row is one `python -m diffusion.evaluate fid` command (printed, so any row can be rerun
+alone), sampling --num-samples images with classes cycled and scoring them against the reference
+split with the given TorchScript extractor: "FID (CIFAR-10 classifier features)", not Inception
+FID. Rows run in --jobs parallel processes, one thread each; the table goes to stdout and --json.
+
+  python benchmarks/edm_comparison.py --ddpm runs/cifar10_16_ddpm --edm runs/cifar10_16_edm \\
+      --extractor extractors/cifar10_16.pt --reference-root data/cifar10-jpeg --out reports/edm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffusion.sampling.samplers import network_evaluations  # noqa: E402
+
+# (model, sampler, steps): the 35-evaluation rows, then each model's 100+ evaluation reference
+DEFAULT_ROWS = "edm:heun:18,ddpm:ddim:35,ddpm:dpmsolver:35,ddpm:heun:18,edm:heun:51,ddpm:dpmsolver:100"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ddpm", required=True, help="the ddpm run (or checkpoint)")
+    parser.add_argument("--edm", required=True, help="the edm run (or checkpoint)")
+    parser.add_argument("--extractor", required=True, help="TorchScript feature extractor (evaluate train-extractor)")
+    parser.add_argument("--reference-root", required=True, help="the CIFAR-10 image folder (train/ and test/)")
+    parser.add_argument("--reference-split", default="test")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated MODEL:SAMPLER:STEPS (MODEL: ddpm or edm)")
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="1 = plain conditional sampling")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--jobs", type=int, default=2, help="rows evaluated at once (one thread each)")
+    parser.add_argument("--extra", default="", help="more sample.py options for every row, e.g. '--churn 10'")
+    parser.add_argument("--out", default="reports/edm", help="folder for the JSON reports and samples")
+    parser.add_argument("--json", default=None, help="the table as JSON (default: OUT/table.json)")
+    return parser.parse_args(argv)
+
+
+def row_command(args: argparse.Namespace, model: str, sampler: str, steps: int) -> list[str]:
+    name = f"{model}_{sampler}{steps}"
+    out = Path(args.out)
+    return [sys.executable, "-m", "diffusion.evaluate", "fid", "--samples", getattr(args, model),
+            "--reference", f"imagefolder:{args.reference_split}", "--reference-root", args.reference_root,
+            "--feature-extractor", args.extractor, "--num-samples", str(args.num_samples),
+            "--sampler", sampler, "--steps", str(steps), "--guidance-scale", f"{args.guidance_scale:g}",
+            "--batch-size", str(args.batch_size), "--workers", "0", "--out", str(out / f"{name}.json"),
+            "--sample-dir", str(out / "samples" / name), *shlex.split(args.extra)]
+
+
+def run_row(args: argparse.Namespace, spec: str) -> dict:
+    model, sampler, steps = spec.split(":")
+    command = row_command(args, model, sampler, int(steps))
+    print("$ " + shlex.join(command[1:]).replace(shlex.quote(sys.executable), "python"), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"row {spec} failed:\n{done.stderr[-2000:]}")
+    report = json.loads(Path(command[command.index("--out") + 1]).read_text())
+    return {"model": model, "sampler": sampler, "steps": int(steps), "NFE": network_evaluations(sampler, int(steps)),
+            "FID": report["fid"], "KID": report["kid_mean"], "KID std": report["kid_std"], "n": report["n"],
+            "seconds": seconds, "command": shlex.join(["python", *command[1:]])}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    specs = [s for s in args.rows.split(",") if s.strip()]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(lambda spec: run_row(args, spec), specs))
+    print("\n| model | sampler | steps | NFE | FID (CIFAR-10 classifier features) | KID (x1e3) | wall-clock s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['NFE']} | {r['FID']:.3f} | "
+              f"{1e3 * r['KID']:.2f} ± {1e3 * r['KID std']:.2f} | {r['seconds']:.0f} |")
+    Path(args.json or Path(args.out) / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
