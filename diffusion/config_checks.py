@@ -191,6 +191,11 @@ def check_upsample(cfg: Any) -> None:
         raise UserError("model.inpaint and model.upsample cannot both be on: train an in-painting model or an upsampler")
     if up.factor < 2 or cfg.data.resolution % up.factor:
         raise UserError(f"upsample.factor must be >= 2 and divide data.resolution={cfg.data.resolution}; got {up.factor}")
+
+
+def check_upsample_noise(cfg: Any) -> None:
+    """The upsampler's noise-conditioning augmentation: a fraction of the timesteps, or sigma on edm."""
+    up = cfg.upsample
     top, unit = (math.inf, "sigma") if cfg.diffusion.formulation == "edm" else (1.0, "a fraction of the timesteps")
     if len(up.aug_noise) != 2 or not 0.0 <= up.aug_noise[0] <= up.aug_noise[1] <= top:
         raise UserError(f"upsample.aug_noise must be [low, high] with 0 <= low <= high <= {top:g} ({unit}); "
@@ -205,6 +210,7 @@ def validate(cfg: Any) -> Any:
     check_unet(cfg)
     check_towers(cfg)
     check_sampling(cfg)
+    check_upsample_noise(cfg)
     if cfg.model.inpaint:
         check_inpaint(cfg.inpaint)
     if cfg.model.upsample:
