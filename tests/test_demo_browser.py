@@ -180,7 +180,7 @@ def test_upscale_an_upload_and_reproduce_it_with_sample_py(app, page, tmp_path):
     page.get_by_text("notes.png is not an image").first.wait_for(timeout=20_000)
     page.locator("#up-upload").get_by_label("Clear").first.click()
     upload_file(page, "#up-upload", tmp_path / "small.png")
-    for selector, bad, message in [("#up-aug input", "1.5", "got 1.5"), ("#up-steps input", "0", "steps must be 1..100")]:
+    for selector, bad, message in [("#up-aug input", "1.5", "got 1.5"), ("#up-steps input", "0", "steps must be a whole number from 1 to 100")]:
         set_number(page, selector, bad)
         page.locator("#up-button").click()
         page.get_by_text(message).first.wait_for(timeout=20_000)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the rest is imported where it is used, so that building the
     from ..sampling.plan import SamplingPlan
 
 # ADM used 10 for unconditional denoisers; on shapes 8 gave 0.825 and 16 gave 0.933. Sweep it per model.
-DEFAULT_SCALE = 10.0
+DEFAULT_SCALE = 10.0  # eps form, every sampler: shapes 0.892 (DDIM 25), CelebA 0.870 (DDIM 50); docs/guidance.md
 
 
 class ClassifierGuidanceFeature:
