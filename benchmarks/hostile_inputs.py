@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.hostile_cases import CASES, Case, Env, Result, build_env  # noqa: E402
+from benchmarks.hostile_cases import CASES  # noqa: E402
+from benchmarks.hostile_env import Case, Env, Result, build_env  # noqa: E402
 
 OUTCOMES = ("clean", "traceback", "silently wrong", "unclear", "hang", "lost")
 KNOWN_STATUSES = {0, 2, 3, 129, 130, 143}  # documented exits: ok, bad input, diverged, stopped by a signal
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-case", nargs="+", default=None, help=argparse.SUPPRESS)  # one demo case, in this process
     args = parser.parse_args(argv)
     if args.demo_case:
-        from benchmarks.hostile_cases import run_demo_case
+        from benchmarks.hostile_runners import run_demo_case
 
         return run_demo_case(args.demo_case)
     import torch

@@ -1,5 +1,6 @@
 """Bad input through the command lines, as a table: every quick case of the hostile-input drill
-(benchmarks/hostile_cases.py) answered cleanly, run in-process through its CLI entry point.
+(benchmarks/hostile_cases.py, built from hostile_env.py and hostile_runners.py) answered cleanly,
+run in-process through its CLI entry point.
 
 Quick cases are answered before any training: bad config keys and files, flags, damaged, edited or
 hostile checkpoints, image files, demo requests. A clean answer is exit status 2 and one line
@@ -17,7 +18,9 @@ import pytest
 import torch
 
 import train as train_cli
-from benchmarks.hostile_cases import CASES, MARKER, Case, Env, Payload, Result, build_env, run_demo_case
+from benchmarks.hostile_cases import CASES
+from benchmarks.hostile_env import MARKER, Case, Env, Payload, Result, build_env
+from benchmarks.hostile_runners import run_demo_case
 from benchmarks.hostile_inputs import classify
 from diffusion.checkpoints import store as ckpt
 from diffusion.cli import sample as sample_cli
