@@ -294,6 +294,9 @@ class Trainer:
 
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
     trainer = Trainer(cfg, resume, overwrite=overwrite)
-    run_dir = trainer.fit()
+    try:
+        run_dir = trainer.fit()
+    finally:  # destroy the process group (multi-process runs) before exit: left to the interpreter's
+        trainer.accelerator.end_training()  # teardown, gloo's threads can abort a finished rank
     trainer.accelerator.print(f"run saved in {run_dir}")
     return run_dir
