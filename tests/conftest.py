@@ -6,6 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Generated-input tests (tests/test_properties_*.py): a fast profile for the suite, a long one for
+# benchmarks/ (HYPOTHESIS_PROFILE=long). No deadline: a 2-core machine shared with other jobs is slow at times.
+settings.register_profile("fast", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 # OpenMP threads sleep instead of spinning while they wait, as the command lines do (diffusion/threads.py);
 # set before torch is imported. On a CPU shared with other jobs spinning made the suite several times slower.
