@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from diffusion.cli.args import Parser, add_trust_argument, apply_trust
+from diffusion.cli.help_format import DefaultsHelpFormatter
 from diffusion.config import load_config
 from diffusion.errors import exit_on_user_error
 from diffusion.threads import prefer_passive_waits, set_cpu_threads
@@ -23,7 +24,7 @@ from diffusion.threads import prefer_passive_waits, set_cpu_threads
 
 def build_parser() -> argparse.ArgumentParser:
     """train.py's arguments (parse them with `parse_intermixed_args`: overrides may follow --resume)."""
-    parser = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="train.py", description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("config", help="YAML config, e.g. configs/shapes.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=200 output_dir=runs/try")
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a checkpoint directory")

@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
+if __name__ == "__main__":  # a library of the benchmark scripts, not a command: say so at once
+    raise SystemExit(print(__doc__.strip() + "\n\nRun one of the scripts beside it, e.g. python benchmarks/sampling_speed.py --help"))
+
+import torch  # noqa: E402
 
 # Dense peak TFLOP/s per precision (NVIDIA data sheets; no 2:4 sparsity). The bf16 column is the
 # one MFU is quoted against; fp32 runs with TF32 matmuls use the tf32 column.

@@ -6,7 +6,7 @@ split with the given TorchScript extractor: "FID (CIFAR-10 classifier features)"
 FID. Rows run in --jobs parallel processes, one thread each; the table goes to stdout and --json.
 
   python benchmarks/edm_comparison.py --ddpm runs/cifar10_16_ddpm --edm runs/cifar10_16_edm \\
-      --extractor extractors/cifar10_16.pt --reference-root data/cifar10-jpeg --out reports/edm
+      --extractor runs/extractors/cifar10_16.pt --reference-root data/cifar10-jpeg --out runs/reports/edm
 """
 from __future__ import annotations
 
@@ -23,14 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion.sampling.samplers import network_evaluations  # noqa: E402
+from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torch-free)
 
 # (model, sampler, steps): the 35-evaluation rows, then each model's 100+ evaluation reference
 DEFAULT_ROWS = "edm:heun:18,ddpm:ddim:35,ddpm:dpmsolver:35,ddpm:heun:18,edm:heun:51,ddpm:dpmsolver:100"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The options (torch-free, so --help is fast)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--ddpm", required=True, help="the ddpm run (or checkpoint)")
     parser.add_argument("--edm", required=True, help="the edm run (or checkpoint)")
     parser.add_argument("--extractor", required=True, help="TorchScript feature extractor (evaluate train-extractor)")
@@ -42,9 +43,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--jobs", type=int, default=2, help="rows evaluated at once (one thread each)")
     parser.add_argument("--extra", default="", help="more sample.py options for every row, e.g. '--churn 10'")
-    parser.add_argument("--out", default="reports/edm", help="folder for the JSON reports and samples")
+    parser.add_argument("--out", default="runs/reports/edm", help="folder for the JSON reports and samples")
     parser.add_argument("--json", default=None, help="the table as JSON (default: OUT/table.json)")
-    return parser.parse_args(argv)
+    return parser
+
+
+if __name__ == "__main__":  # --help and bad flags answer before torch is imported (0.1 s, not 10-30 s)
+    build_parser().parse_args()
+
+from diffusion.sampling.samplers import network_evaluations  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def row_command(args: argparse.Namespace, model: str, sampler: str, steps: int) -> list[str]:
@@ -90,4 +101,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusion.errors import exit_on_user_error
+
+    exit_on_user_error(main)()  # bad input (a missing run, --steps out of range): one line, exit status 2

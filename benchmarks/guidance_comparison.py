@@ -20,14 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.data.shapes import CLASS_NAMES  # noqa: E402
-from diffusion.errors import exit_on_user_error  # noqa: E402
-from diffusion.evaluate.shapes_accuracy import _floats, accuracy, class_samples  # noqa: E402
-from diffusion.sampling.images import save_grid  # noqa: E402
+from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torch-free)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The options (torch-free, so --help is fast)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--text-model", default="runs/shapes_text", help="caption-conditioned denoiser (CFG)")
     parser.add_argument("--uncond", default="runs/shapes_uncond", help="unconditional denoiser (classifier, CLIP)")
     parser.add_argument("--classifier", default="runs/classifier_shapes")
@@ -42,7 +40,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default="cfg,classifier,clip", help="which methods to run")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--grid", default=None, help="also draw a PNG: per method, 2 rows of the 12 classes at its best scale")
-    return parser.parse_args(argv)
+    return parser
+
+
+if __name__ == "__main__":  # --help and bad flags answer before torch is imported (0.1 s, not 10-30 s)
+    build_parser().parse_args()
+
+from diffusion.data.shapes import CLASS_NAMES  # noqa: E402
+from diffusion.errors import exit_on_user_error  # noqa: E402
+from diffusion.evaluate.shapes_accuracy import _floats, accuracy, class_samples  # noqa: E402
+from diffusion.sampling.images import save_grid  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
 
 
 def methods(args: argparse.Namespace) -> list[tuple[str, str, list[str], str, list[float]]]:

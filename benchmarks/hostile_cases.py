@@ -110,7 +110,7 @@ CASES: list[Case] = [
 
 CASES += [
     config("memory", "data.resolution=100000", "needs at least"),
-    config("memory", "model.num_classes=1000000000000", "needs at least"),
+    config("memory", "model.num_classes=1000000000000", "model.num_classes"),  # shapes has 12: refused at load (#34)
     config("memory", "train.batch_size=1000000000", "needs at least"),
     Case("memory", "task=clip model.embed_dim=16384 model.vision.width=16384",
          train_argv("model.embed_dim=16384", "model.vision.width=16384", "model.vision.head_width=64",
@@ -274,7 +274,7 @@ CASES += [
     Case("data", "data.root a file", train_argv("data.name=imagefolder", "data.root={files}/a_file"), "not found"),
     Case("data", "cifar10 offline, not there", train_argv("data.name=cifar10", "data.root={folder}", "data.download=false"),
          "cifar"),
-    Case("data", "celeba not there", train_argv("data.name=celeba", "data.root={folder}"), "not found"),
+    Case("data", "celeba not there", train_argv("data.name=celeba", "data.root={folder}", "model.condition=none"), "not found"),
 ]
 
 CASES += [
@@ -367,3 +367,150 @@ CASES += [
     Case("sample flags", "--out not UTF-8", sample_argv("--out", "{folder}/\udcff"), "--out is not valid UTF-8"),
     Case("sample flags", "--prompt of 100000 characters", sample_argv("--prompt", "word " * 20000), "--prompt needs"),
 ]
+
+# -- round 3, structured files (issue #34): every YAML and JSON file through one bounded loader ---------------
+from benchmarks.hostile_structured import (  # noqa: E402
+    BOMB, EVALS, META, ROW, SCALING, add_row, config_lr_is, cut_file, duplicate_in_info, folder_case, merge_key_config,
+    sweep_case,
+)
+
+ROUND3_STRUCTURED = [
+    sweep_case("alias bomb in grids", lambda t: t.replace("grids:\n", BOMB + "grids:\n  - {model.base_channels: *j}\n"),
+               "alias bomb"),
+    sweep_case("grids written twice", lambda t: t + "grids:\n  - {model.base_channels: [4]}\n", "appears twice"),
+    sweep_case("not UTF-8", lambda t: t.replace("runs", "r\xe9").encode("latin-1"), "not UTF-8"),
+    sweep_case("a list, not a mapping", lambda t: "- " + t.replace("\n", "\n  "), "must hold a mapping"),
+    sweep_case("grids a mapping", lambda t: t.replace("  - {model", "  {model"), "must be a list"),
+    sweep_case("grid key with no values", lambda t: t.replace("[16, 32]", "[]"), "empty value list"),
+    sweep_case("grid of 10^12 points", lambda t: t.replace("data.subset_size: [16, 32]", ", ".join(
+        f"k{i}: [{', '.join(map(str, range(1, 11)))}]" for i in range(12))), "more than 10000 points"),
+    sweep_case("nested 100000 deep", lambda t: t + "x: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+    *[folder_case(command, name, file, content, words) for command in ("fit", "predict") for name, file, content, words in [
+        ("sweep.yaml not YAML", "sweep.yaml", b"fit: {n_boot: 5\n", "not valid YAML"),
+        ("sweep.yaml not UTF-8", "sweep.yaml", b"fit: {n_boot: 5}\n# caf\xe9\n", "not UTF-8"),
+        ("sweep.yaml a list", "sweep.yaml", b"- fit\n", "must hold a mapping"),
+        ("sweep.yaml fit: a list", "sweep.yaml", b"fit: [1, 2]\n", "'fit' must be a mapping"),
+        ("sweep.yaml fit.n_boot: -1", "sweep.yaml", b"fit: {n_boot: -1}\n", "fit.n_boot"),
+        ("meta.json truncated", META, lambda old: old[: len(old) // 2], "meta.json is not valid JSON"),
+        ("meta.json empty", META, b"", "meta.json is empty"),
+        ("meta.json binary", META, bytes(range(256)), "not UTF-8"),
+        ("meta.json a list", META, b"[1, 2]\n", "must hold a JSON object"),
+        ("meta.json params a string", META, lambda old: old.replace(b'"params": 70000', b'"params": "70000"'), "'params'"),
+        ("evals.jsonl row truncated", EVALS, lambda old: old[:-20], "evals.jsonl:3"),
+        ("evals.jsonl row with NaN val_loss", EVALS, add_row({**ROW, "val_loss": float("nan")}), "'val_loss' must be a finite"),
+        ("evals.jsonl row missing flops", EVALS, add_row({k: v for k, v in ROW.items() if k != "flops"}), "'flops' is missing"),
+        ("evals.jsonl step a string", EVALS, add_row({**ROW, "step": "200"}), "'step'"),
+        ("evals.jsonl key twice", EVALS, lambda old: old + b'{"step": 1, "step": 2}\n', "appears twice"),
+    ]],
+    config_file("merge key, then the key it merged (valid YAML)", "train:\n  <<: {lr: 0.001}\n  lr: 0.002\n  warmup_steps: -1\n",
+                "train.warmup_steps"),  # read past the merge key: the next problem is the one named
+    config_file("merge key, then a key written twice", "train:\n  <<: {lr: 0.001}\n  lr: 0.002\n  lr: 0.003\n", "appears twice"),
+    config_file("merge key merging its own mapping", "train: &t\n  <<: *t\n", "merges its own mapping"),
+    config_file("a merge key bomb", "a: &a {k: 1}\n" + "".join(f"a{i}: &a{i} {{<<: [{', '.join(['*a' if i == 0 else f'*a{i - 1}'] * 9)}]}}\n"
+                                                               for i in range(40)), "unknown config key 'a'"),
+    Case("structured files", "merge key: train.lr read as the explicit 0.002",
+         lambda env, folder: ["python", "-c", "from diffusion.config import load_config; "
+                              f"print(load_config({str(folder / 'merge.yaml')!r}).train.lr)"],
+         status=0, words=None, check=config_lr_is("0.002"), prepare=lambda env, folder: merge_key_config(folder), quick=False),
+    Case("structured files", "resume: info.json with a key written twice", resume_argv(), "appears twice",
+         prepare=edited_copy(duplicate_in_info)),
+    Case("structured files", "sample: info.json cut in half", sample_argv(checkpoint="{copy}"), "cannot read",
+         prepare=edited_copy(cut_file("info.json", 0.5))),
+    Case("structured files", "resume: ema.json cut in half (re-digested)", resume_argv(), "ema.json is not readable JSON",
+         prepare=edited_copy(cut_file("ema.json", 0.5), True)),
+    Case("structured files", "metadata.jsonl with a key written twice", train_argv(*FOLDER), "appears twice",
+         prepare=lambda env, folder: (image_folder(folder, {"a": 4}) / "metadata.jsonl").write_text(
+             '{"file_name": "a/0.png", "text": "one", "text": "two"}\n')),
+]
+CASES += ROUND3_STRUCTURED
+
+
+# -- round 3: what a newcomer meets after the quickstart (issue 35) ------------------------------------------
+
+def lists_evaluations(env: Env, folder: Path, result) -> str | None:
+    """`python -m diffusion.evaluate --help` names every evaluation, one line each."""
+    from diffusion.evaluate import COMMANDS
+
+    missing = [name for name in COMMANDS if not any(line.split()[:1] == [name] for line in result.out.splitlines())]
+    return f"--help does not list {missing}" if missing else None
+
+
+def accuracy_report_of(n: int) -> Callable:
+    """shapes-accuracy wrote its report, every row of exactly n samples."""
+    def check(env: Env, folder: Path, result) -> str | None:
+        import json
+
+        path = folder / "report.json"
+        if not path.is_file():
+            return f"no report at {path}"
+        rows = json.loads(path.read_text())
+        return None if rows and all(row["n"] == n for row in rows) else f"rows {rows} are not all of n={n}"
+    return check
+
+
+SHAPES_ACCURACY = ("evaluate", "shapes-accuracy", "--checkpoint", "{run}", "--steps", "2")
+ROUND3_DOCS = [
+    Case("docs", "evaluate --help lists the evaluations", evaluate_argv("evaluate", "--help"), status=0, words=None,
+         check=lists_evaluations, quick=False),
+    Case("docs", "evaluate -h lists the evaluations", evaluate_argv("evaluate", "-h"), status=0, words=None,
+         check=lists_evaluations, quick=False),
+    Case("docs", "evaluate with no evaluation named", evaluate_argv("evaluate"), "name an evaluation"),
+    *[Case("docs", f"shapes-accuracy --num-samples {n}", evaluate_argv(*SHAPES_ACCURACY, "--num-samples", n),
+           "--num-samples must be at least 1") for n in ("0", "-5")],
+    Case("docs", "shapes-accuracy --json names a folder", evaluate_argv(*SHAPES_ACCURACY, "--json", "{folder}"), "is a folder"),
+    Case("docs", "shapes-accuracy --num-samples 13 draws 13", evaluate_argv(*SHAPES_ACCURACY, "--num-samples", "13",
+         "--guidance-scale", "0,1", "--json", "{folder}/report.json"), status=0, words=None, check=accuracy_report_of(13),
+         quick=False),
+]
+CASES += ROUND3_DOCS
+
+
+# -- round 3, images and masks (issue #34): one reader for every image file --------------------------------
+from benchmarks.hostile_images import ROUND3_IMAGES  # noqa: E402
+
+CASES += ROUND3_IMAGES
+
+
+# -- round 3, paths, run folders and faults (issue #34 classes 4 and 5, issue #35's sample.py items) -------
+from benchmarks.hostile_paths import ROUND3_PATHS  # noqa: E402
+
+CASES += ROUND3_PATHS
+
+# -- issue #34: the browser demo's resources (diffusion/demos/limits.py; builders in hostile_demo_limits.py) -----
+from benchmarks.hostile_demo_limits import limits_case, port_case  # noqa: E402
+
+ROUND3_DEMO_LIMITS = [
+    limits_case("inpaint 5 huge layers", "5 brush layers: at most 4"),  # the tester's 5 x 13000x13000 PNGs
+    limits_case("inpaint 1 huge layer", "13000x13000: at most 4096 pixels a side"),
+    limits_case("inpaint huge background", "13000x13000: at most 4096 pixels a side"),
+    limits_case("inpaint 4 layers of 4096", "million pixels together"),
+    limits_case("inpaint 9 small layers", "9 brush layers: at most 4"),
+    limits_case("upscale huge upload", "at most 4096 pixels a side", upscale=True),
+    limits_case("upscale consistency maybe", "must be true or false", upscale=True),
+    limits_case("cascade from a huge file", "at most 4096 pixels a side", upscale=True),
+    limits_case("steps nan", "steps must be a whole number"),
+    limits_case("steps 'abc'", "steps must be a whole number"),
+    limits_case("guidance scale 'abc'", "the guidance scale: expected a number"),
+    limits_case("guidance scale [3]", "the guidance scale must be a number"),
+    limits_case("seed true", "the seed must be a whole number"),
+    limits_case("class '4'", None, status=0),
+    limits_case("class 4.0", None, status=0),
+    limits_case("class 'red square'", None, status=0),
+    limits_case("class '4: red square'", None, status=0),
+    limits_case("class 'purple'", "is not one of this run's classes"),
+    limits_case("class 99", "is not one of this run's classes 0..11"),
+    limits_case("class {}", "the class must be a class number or name"),
+    limits_case("sampler 5", "the sampler must be one of"),
+    limits_case("prompt of 5000 characters", "at most 1000"),
+    limits_case("exit", None, status=0),
+    port_case(["--port", "99999"], "--port must be a whole number from 1 to 65535"),
+    port_case(["--port", "0"], "--port must be a whole number from 1 to 65535"),
+    port_case(["--host", "not a host!"], "--host must be an address"),
+    port_case(["--host", "10.255.255.1"], "pass a --host this machine has"),
+]
+CASES += ROUND3_DEMO_LIMITS
+
+# -- round 3, config combinations and the pipeline's arguments (issue #34 classes 6 and 7) ----------------------
+from benchmarks.hostile_combinations import ROUND3_COMBINATIONS  # noqa: E402
+
+CASES += ROUND3_COMBINATIONS

@@ -15,6 +15,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torch-free)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options (torch-free, so --help is fast)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("sweep_dir")
+    return parser
+
+
+if __name__ == "__main__":  # --help and bad flags answer before torch is imported (0.1 s, not 10-30 s)
+    build_parser().parse_args()
+
 from diffusion.scaling.recorder import EVALS_FILE, read_jsonl  # noqa: E402
 
 
@@ -24,9 +37,7 @@ def overhead(rows: list[dict]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     runs = sorted(Path(args.sweep_dir).glob(f"*/scaling/{EVALS_FILE}"))
     if not runs:
         sys.exit(f"error: no {EVALS_FILE} under {args.sweep_dir}: run the sweep first")
@@ -43,4 +54,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusion.errors import exit_on_user_error
+
+    exit_on_user_error(main)()  # bad input (a missing run, --steps out of range): one line, exit status 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,115 +17,16 @@ import yaml
 
 from .config_checks import CHOICES, validate  # noqa: F401 - part of this module's interface
 from .errors import UserError, preview
-
-
-# YAML as people write configs: `1e-4` is a float and only true/false are booleans (YAML 1.2's core
-# schema). PyYAML follows YAML 1.1, where `1e-4` is a string and `on`, `yes`, `no` are booleans.
-_INT = re.compile(r"^[-+]?[0-9]+$")
-_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
-_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-_REPLACED_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "timestamp")}
-
-
-class ConfigLoader(yaml.SafeLoader):
-    """yaml.SafeLoader with YAML 1.2 core-schema booleans, integers and floats, no timestamps, and no
-    duplicate keys (PyYAML keeps the last silently, so `lr` written twice would hide the first)."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)
-            seen = set()
-            for key_node, _ in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-                if key is not None and key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"the key {preview(key)} appears twice",
-                                                            key_node.start_mark)
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-class ConfigDumper(yaml.SafeDumper):
-    """yaml.SafeDumper that also quotes strings ConfigLoader would read as numbers (and those YAML 1.1
-    readers would read as booleans), so a saved config reads back the same everywhere."""
-
-
-for _cls in (ConfigLoader, ConfigDumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
-    _cls.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
-def _construct_int(loader: ConfigLoader, node: yaml.ScalarNode) -> int:
-    text = loader.construct_scalar(node)
-    if len(text) > 30:  # Python refuses to parse over 4300 digits; no config value needs 30
-        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text)} digits is no config value",
-                                                node.start_mark)
-    return int(text)
-
-
-ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-
-
-MAX_YAML_CHARS = 1 << 20  # a config is a few kilobytes
-MAX_YAML_VALUES = 100_000  # values (keys and list items included) once aliases are expanded
-
-
-def expanded_size(data: Any, budget: int) -> int:
-    """How many values `data` holds with every shared (aliased) object counted each time it appears;
-    stops counting past `budget`. An alias bomb (`b: [*a, *a, ...]` nested 10 deep) loads as a small
-    graph but is billions of values to anything that walks or prints it."""
-    count, stack = 0, [data]
-    while stack and count <= budget:
-        item = stack.pop()
-        count += 1
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-    return count
-
-
-def parse_yaml(text: str, what: str = "the YAML value") -> Any:
-    """Parse YAML text with ConfigLoader (raises yaml.YAMLError), refusing (UserError naming `what`)
-    text over MAX_YAML_CHARS, nesting deeper than Python's recursion limit and alias bombs."""
-    if len(text) > MAX_YAML_CHARS:
-        raise UserError(f"{what} is {len(text)} characters long; a config is at most {MAX_YAML_CHARS}")
-    try:
-        data = yaml.load(text, Loader=ConfigLoader)
-    except RecursionError:
-        raise UserError(f"{what} is nested too deeply to be a config") from None
-    if expanded_size(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
-        raise UserError(f"{what} holds more than {MAX_YAML_VALUES} values once its aliases (*name) are expanded; "
-                        "a config never needs that many (is it an alias bomb?)")
-    return data
+from .structured import (  # noqa: F401 - ConfigLoader, parse_yaml and the limits were defined here first
+    MAX_YAML_CHARS, MAX_YAML_VALUES, ConfigDumper, ConfigLoader, expanded_size, load_yaml, parse_yaml,
+)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from a file, or a one-line UserError naming the file (binary data, syntax errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = parse_yaml(path.read_bytes().decode("utf-8"), f"config file {path}")
-    except OSError as err:
-        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"config file {path} is not a text file (not UTF-8): is it the right file?") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of config keys, not a {type(data).__name__}")
-    return data
+    """A config file's mapping (an empty file is {}), or a one-line UserError naming the file (binary
+    data, syntax errors, duplicate keys, alias bombs, deep nesting, a list instead of a mapping): the
+    shared loader of diffusion/structured.py."""
+    return load_yaml(path, "config file", dict, "a mapping of config keys", empty={})
 
 
 @dataclass
@@ -246,7 +146,7 @@ class SampleConfig:
     churn_min: float = 0.0  # S_tmin: churn only at sigma >= this
     churn_max: float = 1000.0  # S_tmax: ... and <= this
     churn_noise: float = 1.0  # S_noise
-    num_samples: int = 16
+    num_samples: int = 16  # training preview: this many in all; sample.py: its --num-samples default (per condition)
     prompts: list[str] = field(default_factory=list)  # caption models: preview prompts (default: first batch's captions)
 
 

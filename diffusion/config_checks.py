@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterator
 
+from .config_readers import check_combinations
 from .errors import UserError, preview
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -205,7 +206,8 @@ def check_upsample_noise(cfg: Any) -> None:
 
 
 def validate(cfg: Any) -> Any:
-    """Refuse values no run can use, in one line naming the key; returns `cfg`."""
+    """Refuse values no run can use, in one line naming the key, then values that are meaningless together
+    (diffusion.config_readers: keys this config's run never reads, class counts, ...); returns `cfg`."""
     check_values(cfg)
     check_unet(cfg)
     check_towers(cfg)
@@ -215,4 +217,5 @@ def validate(cfg: Any) -> Any:
         check_inpaint(cfg.inpaint)
     if cfg.model.upsample:
         check_upsample(cfg)
+    check_combinations(dict(flat_items(cfg)), dict(flat_items(type(cfg)())))
     return cfg

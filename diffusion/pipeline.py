@@ -26,18 +26,25 @@ This pipeline samples them with Heun by default (`sampler=`), through `EDMSchedu
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, EDMDPMSolverMultistepScheduler, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .choices import SAMPLERS
+from .cli.args import (BadType, BadValue, check_choice, check_class_label, check_count, check_guidance_scale,
+                       check_prompt, check_seed, check_steps)
 from .config import DiffusionConfig
+from .config_checks import MAX_TIMESTEPS
+from .errors import UserError, one_line, preview
+from .memory import check_sampling_memory
 from .sampling.guidance import ClassifierFreeGuidance
 from .sampling.images import to_pil
 from .sampling.loop import Trajectory, sample_loop
-from .sampling.samplers import build_sampler, noise_from
+from .sampling.samplers import SIGMA_SAMPLERS, build_sampler, noise_from
 from .sampling.schedule import EDMSchedule, NoiseSchedule
 
 PIPELINE_CLASS = "GuidedDiffusionPipeline"
@@ -62,13 +69,13 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder)
 
-    def _condition(self, class_labels, prompt, batch: int, device) -> tuple[dict, dict]:
-        """(conditional, unconditional) keyword arguments for the U-Net."""
+    def _condition(self, labels: list[int] | None, prompts: list[str] | None, batch: int, device) -> tuple[dict, dict]:
+        """(conditional, unconditional) keyword arguments for the U-Net, from checked labels or prompts
+        (`_arguments`)."""
         if self.text_encoder is not None:
             from .models.text import empty_tokens_like, tokenize
 
-            prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt or [""] * batch)
-            tokens = tokenize(prompts, self.text_encoder.config.context_length).to(device)
+            tokens = tokenize(prompts or [""] * batch, self.text_encoder.config.context_length).to(device)
             kwargs = []
             for t in (tokens, empty_tokens_like(tokens)):
                 text = self.text_encoder(t)
@@ -77,17 +84,12 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             return kwargs[0], kwargs[1]
         classes = self.unet.config.num_class_embeds
         if classes is None:
-            if class_labels is not None:
-                raise ValueError("this run is unconditional: leave out class_labels")
             return {}, {}
         null = classes - 1  # the learned null class of CFG training
         unconditional = {"class_labels": torch.full((batch,), null, device=device, dtype=torch.long)}
-        if class_labels is None:  # unconditional samples: the null class alone
+        if labels is None:  # unconditional samples: the null class alone
             return {}, unconditional
-        labels = torch.as_tensor(class_labels, device=device).long().flatten()
-        if ((labels < 0) | (labels >= null)).any():
-            raise ValueError(f"class_labels must be in 0..{null - 1}")
-        return {"class_labels": labels}, unconditional
+        return {"class_labels": torch.tensor(labels, device=device, dtype=torch.long)}, unconditional
 
     def schedule(self) -> NoiseSchedule | EDMSchedule:
         """The run's training schedule, read from the scheduler component (whatever its class and settings):
@@ -102,10 +104,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         """One generator per sample: seeded seed + i, the ones given, or one shared generator."""
         if seed is not None:
             return [torch.Generator(device=device).manual_seed(seed + i) for i in range(batch)]
-        if isinstance(generator, list):
-            if len(generator) != batch:
-                raise ValueError(f"got {len(generator)} generators for {batch} samples")
-            return generator
+        if isinstance(generator, (list, tuple)):
+            return list(generator)
         if generator is None:  # drawn from torch's global generator, so torch.manual_seed reproduces it
             generator = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, ()).item()))
         return [generator] * batch
@@ -116,24 +116,23 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, seed: int | None = None,
                  sampler: str | None = None, output_type: str = "pil", return_dict: bool = True):
         """`seed=S`: sample i from a generator seeded S + i (`sample.py --seed S`); else `generator`,
-        one per sample or shared. `sampler`: as `sample.py --sampler` (default ddim, heun for edm runs)."""
+        one per sample or shared. `sampler`: as `sample.py --sampler` (default ddim, heun for edm runs).
+        `class_labels` (class runs) or `prompt` (caption runs): one image per entry; a single int or str is
+        repeated `batch_size` times. A bad argument raises `BadValue` (a ValueError; `BadType`, also a
+        TypeError, for the wrong kind) naming it, checked as sample.py checks its flags (diffusion.cli.args)."""
         schedule = self.schedule()
-        sampler = sampler or ("heun" if isinstance(schedule, EDMSchedule) else "ddim")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        device = self.unet.device
-        given = class_labels if class_labels is not None else ([prompt] if isinstance(prompt, str) else prompt)
-        batch = batch_size or (len(torch.as_tensor(class_labels).flatten()) if class_labels is not None
-                               else len(given) if given else 1)
-        cond, uncond = self._condition(class_labels, prompt, batch, device)
+        call = self._arguments(schedule, class_labels, prompt, guidance_scale, num_inference_steps, batch_size,
+                               generator, seed, sampler, output_type, return_dict)
+        device, batch = self.unet.device, call.batch
+        cond, uncond = self._condition(call.labels, call.prompts, batch, device)
         size = self.unet.config.sample_size
-        generators = self._generators(generator, seed, batch, device)
-        if sampler == "ddpm" and generators[0].device != device:
-            raise ValueError(f"ddpm draws noise at every step: give generators on {device} (or seed=)")
+        generators = self._generators(generator, call.seed, batch, device)
+        if call.sampler == "ddpm" and generators[0].device != device:
+            raise BadValue(f"generator: ddpm draws noise at every step, so give generators on {device} (or seed=)")
         noise = noise_from(generators, (3, size, size), generators[0].device).to(device, self.unet.dtype)
         schedule = schedule.to(device)
-        trajectory = Trajectory(schedule, build_sampler(schedule, sampler, num_inference_steps), generators)
-        model_fn = ClassifierFreeGuidance(_UNetFn(self.unet), cond, uncond, guidance_scale)
+        trajectory = Trajectory(schedule, build_sampler(schedule, call.sampler, call.steps), generators)
+        model_fn = ClassifierFreeGuidance(_UNetFn(self.unet), cond, uncond, call.scale)
         bar = self.progress_bar(total=len(trajectory.sampler.steps))
         images = sample_loop(model_fn, trajectory, noise, lambda done, total: bar.update(1)).float().clamp(-1, 1)
         bar.close()
@@ -141,9 +140,121 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             result = [to_pil(image) for image in images]  # the uint8 values sample.py's PNGs hold
         else:
             result = images / 2 + 0.5
-            if output_type != "pt":
+            if output_type == "np":
                 result = result.cpu().permute(0, 2, 3, 1).numpy()
         return ImagePipelineOutput(images=result) if return_dict else (result,)
+
+    def _arguments(self, schedule, class_labels, prompt, guidance_scale, num_inference_steps, batch_size, generator,
+                   seed, sampler, output_type, return_dict) -> CallArguments:
+        """Every argument of __call__ checked with sample.py's checks (diffusion.cli.args), before anything runs."""
+        scale = check_guidance_scale(guidance_scale, "guidance_scale")
+        sampler = "heun" if sampler is None and isinstance(schedule, EDMSchedule) else sampler or "ddim"
+        check_choice(sampler, "sampler", SAMPLERS)
+        trailing = isinstance(schedule, NoiseSchedule) and sampler not in SIGMA_SAMPLERS
+        steps = check_steps(num_inference_steps, "num_inference_steps",
+                            schedule.num_train_timesteps if trailing else None)
+        if steps > MAX_TIMESTEPS:
+            raise BadValue(f"num_inference_steps {steps} is more than {MAX_TIMESTEPS}, the most any sampler here takes")
+        check_choice(output_type, "output_type", OUTPUT_TYPES)
+        if not isinstance(return_dict, bool):
+            raise BadType(f"return_dict must be true or false, got {preview(return_dict)}")
+        if seed is not None:
+            check_seed(seed, "seed")
+            if generator is not None:
+                raise BadValue("give seed or generator, not both: seed=S seeds image i with S + i")
+        labels, prompts = self._labels(class_labels), self._prompts(prompt)
+        values, repeated = labels or prompts or (None, False)
+        batch = None if batch_size is None else check_count(batch_size, "batch_size")
+        if values is not None and not repeated:
+            if batch is not None and batch != len(values):
+                name = "class_labels" if labels is not None else "prompt"
+                raise BadValue(f"batch_size={batch} does not match the {len(values)} {name} given: leave batch_size "
+                               f"out (one image per entry) or give {batch} entries")
+            batch = len(values)
+        batch = batch or 1
+        try:
+            check_sampling_memory(batch, batch, self.unet.config.sample_size, self.unet.device)
+        except UserError as err:  # its fix names sample.py's flags
+            raise BadValue(f"batch_size {batch} is too large: {one_line(err).rsplit(': ', 1)[0]}: lower batch_size") from None
+        if values is not None and repeated:  # one label or prompt for every image
+            values = values * batch
+        labels, prompts = (values, None) if labels is not None else (None, values)
+        self._check_generator(generator, batch)
+        return CallArguments(labels, prompts, batch, scale, steps, sampler, seed)
+
+    def _labels(self, value) -> tuple[list[int], bool] | None:
+        """class_labels as (a list of checked labels, whether it is one label to repeat)."""
+        if value is None:
+            return None
+        if self.text_encoder is not None:
+            raise BadValue("class_labels needs a class-conditional run; this one is caption-conditioned: give prompt=")
+        classes = self.unet.config.num_class_embeds
+        if classes is None:
+            raise BadValue("class_labels needs a class-conditional run; this one is unconditional: leave out class_labels")
+        items, repeated = flat_items(value, "class_labels")
+        if not items:
+            raise BadValue("class_labels is empty: give one label per image, or leave it out for unconditional images")
+        name = "class_labels" if repeated else "class_labels[{}]"
+        return [check_class_label(v, name.format(i), classes - 1) for i, v in enumerate(items)], repeated
+
+    def _prompts(self, value) -> tuple[list[str], bool] | None:
+        """prompt as (a list of checked captions, whether it is one caption to repeat)."""
+        if value is None:
+            return None
+        if self.text_encoder is None:
+            kind = "class-conditional: give class_labels" if self.unet.config.num_class_embeds else "unconditional"
+            raise BadValue(f"prompt needs a caption-conditioned run (model.condition=text); this one is {kind}")
+        if isinstance(value, str):
+            return [check_prompt(value, "prompt")], True
+        if not isinstance(value, (list, tuple)):
+            raise BadType(f"prompt must be text or a list of text, got {preview(value)} ({type(value).__name__})")
+        if not value:
+            raise BadValue('prompt is an empty list: give one caption per image ("" = unconditional)')
+        return [check_prompt(v, f"prompt[{i}]") for i, v in enumerate(value)], False
+
+    @staticmethod
+    def _check_generator(generator, batch: int) -> None:
+        if generator is None or isinstance(generator, torch.Generator):
+            return
+        if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+            raise BadType(f"generator must be a torch.Generator or a list of one per image, got {preview(generator)}")
+        if len(generator) != batch:
+            raise BadValue(f"generator: got {len(generator)} generators for {batch} images; give one per image")
+        if len({g.device for g in generator}) > 1:
+            raise BadValue("generator: the generators are on different devices; put them on one")
+
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class CallArguments:
+    """GuidedDiffusionPipeline.__call__'s arguments once checked: one label or prompt per image."""
+
+    labels: list[int] | None
+    prompts: list[str] | None
+    batch: int
+    scale: float
+    steps: int
+    sampler: str
+    seed: int | None
+
+
+def flat_items(value, name: str) -> tuple[list, bool]:
+    """(items, repeated) of a label argument: a whole number (repeated), or a flat list, tuple, 1-D tensor or
+    array of them. Nested or ragged lists and float or bool tensors are refused, naming `name`."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        kind = value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool \
+            if isinstance(value, torch.Tensor) else value.dtype.kind not in "iu"
+        if kind:
+            raise BadType(f"{name} must hold whole numbers, got a {value.dtype} {type(value).__name__}")
+        if value.ndim > 1:
+            raise BadValue(f"{name} must be one label per image (1-D), got shape {tuple(value.shape)}")
+        return [int(v) for v in value.reshape(-1).tolist()], value.ndim == 0
+    if isinstance(value, (list, tuple)):
+        return [v.item() if isinstance(v, torch.Tensor) and v.ndim == 0 and not v.dtype.is_floating_point
+                and v.dtype != torch.bool else v for v in value], False
+    return [value], True
 
 
 def export_scheduler(cfg: DiffusionConfig, train_scheduler: DDPMScheduler) -> SchedulerMixin:

@@ -56,3 +56,16 @@ def up_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("up_run")
     train(tiny_config(run, "train.max_steps=2", *UP))
     return run
+
+
+def cli_result(main, argv: list[str], capsys) -> tuple[int, list[str], str]:
+    """(exit status, non-empty stderr lines without progress bars, stdout) of a CLI entry point run
+    in-process, as a shell would see them."""
+    capsys.readouterr()
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, [line for line in captured.err.splitlines() if line.strip() and "%|" not in line], captured.out

@@ -21,7 +21,7 @@ from diffusion.cli import sample as sample_cli
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.io import replace_dir
 from diffusion.training.trainer import Trainer, train
-from tests.conftest import ROOT, TINY, tiny_config
+from tests.conftest import ROOT, TINY, cli_result, tiny_config
 from tests.test_bad_input import Payload
 
 STEP = "checkpoints/step-000002"
@@ -49,13 +49,7 @@ def restamp(checkpoint: Path) -> None:
 
 def run_cli(main, argv: list[str], capsys) -> tuple[int, list[str]]:
     """(exit status, non-empty stderr lines) of a CLI entry point."""
-    capsys.readouterr()
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return cli_result(main, argv, capsys)[:2]
 
 
 def resume(out: Path, capsys, *extra: str) -> tuple[int, list[str]]:
@@ -66,7 +60,8 @@ def resume(out: Path, capsys, *extra: str) -> tuple[int, list[str]]:
 
 
 def sample(checkpoint: Path, capsys, *extra: str) -> tuple[int, list[str]]:
-    status_lines = run_cli(sample_cli.main, ["--checkpoint", str(checkpoint), "--out", str(checkpoint.parent / "samples"),
+    run_dir = checkpoint.parent.parent  # RUN/checkpoints/step-N: the samples go beside RUN, never inside its checkpoints
+    status_lines = run_cli(sample_cli.main, ["--checkpoint", str(checkpoint), "--out", str(run_dir.with_name(f"{run_dir.name}-samples")),
                                              "--num-samples", "1", "--steps", "2", "--overwrite", *extra], capsys)
     ckpt.trust_checkpoints(False)  # --trust-checkpoint lasts for the process: end it with the command
     return status_lines

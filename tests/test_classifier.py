@@ -168,7 +168,8 @@ def test_shapes_accuracy_sweeps_classifier_scale(runs, capsys):
     evaluate(["shapes-accuracy", "--checkpoint", str(runs["den"]), "--classifier", str(runs["clf"]),
               "--classifier-scale", "0,2", "--guidance-scale", "0", "--num-samples", "12", "--steps", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("guidance_scale | classifier_scale") and len(lines) == 3
+    assert lines[0].startswith("guidance_scale | classifier_scale") and len(lines) == 4
+    assert lines[-1] == f"report: {runs['den'] / 'eval' / 'shapes_accuracy.json'}"
 
 
 def edited_copy(run: Path, dest: Path, **changes) -> Path:

@@ -113,3 +113,36 @@ def test_imagefolder_classes_and_metadata_captions(tmp_path):
     _check_item(ds[0], 16)
     assert ds[1]["caption"] == "a sleepy cat"
     assert "cats" in ds[0]["caption"]
+
+
+def test_unreadable_cifar_batch_and_celeba_files_are_named(tmp_path, monkeypatch):
+    """A dataset file that exists but cannot be read is a UserError naming it, not "missing" or a traceback
+    (tests run as root, where chmod 000 does not block reads: `deny` fakes what it does for a user)."""
+    from tests.test_properties_images import deny
+
+    _write_cifar(tmp_path / "cifar")
+    batch = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_1"
+    deny(monkeypatch, batch)
+    with pytest.raises(UserError, match="data_batch_1 exists but cannot be read"):
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path / "cifar"), download=False))
+    monkeypatch.undo()
+    _write_celeba(tmp_path / "c")
+    cfg = DataConfig(name="celeba", root=str(tmp_path / "c"), resolution=16)
+    for locked in ("celeba/list_attr_celeba.txt", "celeba/img_align_celeba", "celeba/img_align_celeba/000002.jpg"):
+        deny(monkeypatch, tmp_path / "c" / locked)
+        with pytest.raises(UserError, match=f"{locked} exists but cannot be read"):
+            build_dataset(cfg)[1]
+        monkeypatch.undo()
+
+
+def test_celeba_images_are_read_upright(tmp_path):
+    """A CelebA JPEG with an EXIF orientation tag is read as displayed (the one reader, read_image)."""
+    _write_celeba(tmp_path)
+    path = tmp_path / "celeba/img_align_celeba/000002.jpg"
+    sideways = np.zeros((178, 218, 3), np.uint8)
+    sideways[:, :109] = 255  # stored: left half white; orientation 6 shows it as the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(sideways).save(path, exif=exif)
+    image = build_dataset(DataConfig(name="celeba", root=str(tmp_path), resolution=16))[1]["image"]
+    assert image.shape == (3, 16, 16) and image[:, :6].mean() > 0.9 and image[:, -6:].mean() < -0.9

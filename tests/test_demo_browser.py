@@ -147,7 +147,8 @@ def test_generate_a_class_and_reproduce_it_with_sample_py(app, page, tmp_path):
     alone = [c for c in commands if c.startswith("python sample.py") and "--seed 8" in c]
     assert alone, commands
     argv = shlex.split(alone[0])[2:]
-    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    assert "--out" not in argv  # the shown command writes to a fresh samples/RUN[-N]
+    argv += ["--out", str(tmp_path / "again")]
     sample_main(argv)
     again = np.asarray(Image.open(tmp_path / "again" / "sample_0000.png"))
     np.testing.assert_array_equal(again, np.asarray(Image.open(files[1])))
@@ -197,7 +198,7 @@ def test_upscale_an_upload_and_reproduce_it_with_sample_py(app, page, tmp_path):
 
     assert result.size == bicubic.size == (16, 16)  # the upsampler's resolution (8 px x factor 2)
     meta = result.text
-    assert meta["seed"] == "5" and meta["aug_level"] == "20" and meta["label"] == "4" and meta["class_name"] == "red square"
+    assert meta["seed"] == "5" and meta["aug_level"] == "0.2" and meta["aug_level_input"] == "20" and meta["label"] == "4" and meta["class_name"] == "red square"
     assert meta["sampler"] == "ddim" and meta["steps"] == "3" and meta["checkpoint"].endswith("step-000002")
     assert meta["low_res"].endswith("input.png") and meta["consistency"] == "False"
 
@@ -206,7 +207,8 @@ def test_upscale_an_upload_and_reproduce_it_with_sample_py(app, page, tmp_path):
     assert argv[argv.index("--low-res") + 1] == "input.png" and argv[argv.index("--aug-level") + 1] == "0.2"
     assert "--no-consistency" in argv
     argv[argv.index("--low-res") + 1] = str(tmp_path / "small.png")  # the same pixels as the page's input.png
-    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    assert "--out" not in argv  # the shown command writes to a fresh samples/RUN[-N]
+    argv += ["--out", str(tmp_path / "again")]
     sample_main(argv)
     for name, picture in [("sample", result), ("bicubic", bicubic)]:
         again = np.asarray(Image.open(tmp_path / "again" / f"{name}_0000.png"))

@@ -366,10 +366,11 @@ def test_pipeline_example_draws_what_the_sample_py_command_beside_it_draws(tiny_
     example = next(m.group(2) for m in FENCE.finditer(text) if m.group(1) == "python" and "GuidedDiffusionPipeline" in m.group(2))
     assert '"runs/shapes/final"' in example and "seed=0" in example
     monkeypatch.chdir(tmp_path)
-    exec(example.replace('"runs/shapes/final"', repr(str(tiny_run / "final"))), {})  # writes blue_circle.png
-    out = run_sample(documented("docs/demo.md", "samples/blue_circles"),
-                     {"runs/shapes": str(tiny_run), "samples/blue_circles": str(tmp_path / "s")})
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "blue_circle.png")),
+    (tmp_path / "samples").mkdir()
+    exec(example.replace('"runs/shapes/final"', repr(str(tiny_run / "final"))), {})  # writes samples/blue_circle.png
+    out = run_sample(documented("docs/demo.md", "samples/pipeline_blue_circles"),
+                     {"runs/shapes": str(tiny_run), "samples/pipeline_blue_circles": str(tmp_path / "s")})
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "samples" / "blue_circle.png")),
                           np.asarray(Image.open(out / "sample_0000.png").convert("RGB")))
 
 
@@ -389,13 +390,15 @@ def test_inpainting_commands_run_on_the_shipped_inputs(tiny_run, tmp_path):
     expected = np.asarray(to_pil(files.load_image(ROOT / "docs/examples/in.png", 8)[0]))
     keep = files.load_mask(ROOT / "docs/examples/mask.png", 8)[0, 0].bool().numpy()
     assert 0 < keep.mean() < 1  # the band leaves known pixels above and below it
+    per_run = tiny_config(inpaint_run).sample.num_samples  # sample.py's default --num-samples: the run's sample.num_samples
     replace = {"runs/inpaint_shapes": str(inpaint_run), "runs/shapes": str(tiny_run),
                "samples/inpaint": str(tmp_path / "a"), "samples/repaint": str(tmp_path / "b")}
     for argv, method in ((documented("docs/inpainting.md", "runs/inpaint_shapes", "docs/examples/in.png"), "channels"),
                          (documented("docs/inpainting.md", "--inpaint-method", "repaint"), "repaint")):
         out = run_sample(argv, replace)
         results = sorted(out.glob("sample_*.png"))
-        assert len(results) == 8 and len(list(out.glob("strip_*.png"))) == 8
+        count = int(argv[argv.index("--num-samples") + 1]) if "--num-samples" in argv else per_run  # the run's config
+        assert len(results) == count and len(list(out.glob("strip_*.png"))) == count
         for path in results:
             image = Image.open(path)
             assert image.text["inpaint_method"] == method and image.text["label"] == "2"
@@ -425,3 +428,24 @@ def test_quickstart_figure_is_what_its_command_draws(tiny_run, tmp_path):
     accuracy = documented("README.md", "shapes-accuracy")
     assert f"{accuracy[accuracy.index('--num-samples') + 1]} samples per scale" in readme
     assert readme.count("5 min 52 s") == 1 and "6 min 26 s" not in readme and "7 min" not in readme  # one quickstart time
+
+
+def test_fid_example_runs_from_a_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """docs/evaluation.md: make_extractor.py, then the fid command on a run (sampling without an --out of
+    sample.py's: the docs runner caught it failing), report and samples where the page says."""
+    import json
+    import runpy
+
+    text = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    script = next(m.group(2) for m in FENCE.finditer(text) if m.group(1) == "python" and "PoolFeatures" in m.group(2))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "make_extractor.py").write_text(script)  # saved as the page says (TorchScript reads the source)
+    runpy.run_path(str(tmp_path / "make_extractor.py"), run_name="__main__")  # writes runs/pool_features.pt
+    from diffusion.evaluate.__main__ import main
+
+    program, args = target(documented("docs/evaluation.md", "runs/pool_features.pt"))
+    args = [str(tiny_run) if a == "runs/shapes" else "12" if a == "120" else "200" if a == "2000" else a for a in args]
+    main(args)
+    report = json.loads((tmp_path / "runs" / "fid_shapes.json").read_text())
+    assert report["n"] == 12 and len(list((tmp_path / "runs" / "fid_shapes_samples").glob("sample_*.png"))) == 12

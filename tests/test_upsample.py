@@ -148,7 +148,7 @@ def test_cascade_writes_both_stages_with_metadata(tiny_run, up_run, tmp_path):
         assert high.size == (16, 16) and low.size == (8, 8)
         for picture in (high, low):
             assert picture.text["label"] == "3" and picture.text["seed"] == str(i)
-            assert picture.text["upsampler_sampler"] == "ddpm" and picture.text["aug_level"] == "20"
+            assert picture.text["upsampler_sampler"] == "ddpm" and picture.text["aug_level"] == "0.2" and picture.text["aug_level_input"] == "20"
             assert picture.text["checkpoint"] and picture.text["upsampler_checkpoint"]
             assert picture.text["consistency"] == "True"  # the config's default
         assert _consistency_psnr(out, i) > 40  # each 16-px sample downsamples to its 8-px base sample

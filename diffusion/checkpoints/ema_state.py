@@ -14,6 +14,7 @@ from diffusers.training_utils import EMAModel
 
 from ..errors import UserError, first_line, preview
 from ..io import atomic_write_text
+from ..structured import StructuredFileError, load_json
 from . import store
 
 SCALARS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
@@ -31,12 +32,11 @@ def read_ema_scalars(directory: Path, step: int) -> dict:
     path = directory / store.EMA_STATE_FILE
     if not path.is_file():
         return {"optimization_step": step}
-    try:
-        scalars = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot resume from {directory}: {path.name} is not readable JSON ({first_line(err)})") from None
-    if not isinstance(scalars, dict):
-        raise UserError(f"cannot resume from {directory}: {path.name} is not a JSON object")
+    try:  # the shared loader (diffusion/structured.py): bounded, duplicate keys refused
+        scalars = load_json(path, shape=dict, expected="a JSON object")
+    except UserError as err:  # damaged (StructuredFileError), or unreadable
+        reason = err.reason if isinstance(err, StructuredFileError) else str(err)
+        raise UserError(f"cannot resume from {directory}: {path.name} is not readable JSON ({reason})") from None
     return {k: scalars[k] for k in SCALARS if k in scalars}
 
 

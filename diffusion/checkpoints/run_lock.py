@@ -17,7 +17,12 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         """Take the lock, or raise UserError if another process holds it."""
         self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # no permission, a read-only or full file system (no inode left)
+            self._fd = None
+            raise UserError(f"cannot create the lock file {self.path} ({err.strerror or err}): make output_dir "
+                            "writable, free space on its disk, or choose another output_dir") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -26,8 +31,11 @@ class RunLock:
             self._fd = None
             raise UserError(f"output_dir {run_dir} is in use by another training run (process {holder} holds "
                             f"{self.path}): wait for it to finish, stop it, or choose another output_dir") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        try:  # the holder's pid, for the message above: a convenience, so a full disk does not stop the run here
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._fd is not None:

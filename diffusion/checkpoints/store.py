@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..config import Config, from_dict, read_yaml, save_config
 from ..errors import UserError, first_line
 from ..io import atomic_write, atomic_write_text, replace_dir, sha256_file
+from ..structured import StructuredFileError, load_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 EMA_FILE = "ema.safetensors"
@@ -132,13 +133,14 @@ def write_info(path: Path, state: TrainState, digests: dict[str, str] | None = N
 
 
 def _read_info_json(path: Path) -> dict[str, Any]:
+    """info.json's object through the shared loader (diffusion/structured.py), a damaged file reported
+    as the damaged-checkpoint message: 'cannot read PATH/info.json: <what is wrong>'."""
     try:
-        data = json.loads((path / INFO_FILE).read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise UserError(f"cannot read {path / INFO_FILE}: {first_line(err)}") from None
+        return load_json(path / INFO_FILE, shape=dict, expected="a JSON object")
+    except StructuredFileError as err:
+        raise UserError(f"cannot read {path / INFO_FILE}: {err.reason}; the file was edited or damaged") from None
+    except UserError as err:  # not a regular file, or unreadable (permissions)
+        raise UserError(f"cannot read {path / INFO_FILE}: {err}") from None
 
 
 # Unverifiable checkpoints (no info.json, no or partial sha256 list) are refused unless the command

@@ -18,9 +18,16 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..choices import PRECISIONS, SAMPLERS
 from ..errors import UserError, exit_on_user_error
+from ..io import write_failures
 from ..threads import prefer_passive_waits, set_cpu_threads
 from . import classifier, clip, inpaint, prompts, upsample
-from .args import Parser, add_trust_argument, apply_trust
+from .args import (Parser, add_trust_argument, apply_trust, check_class_label, check_count, check_guidance_scale,
+                   check_seed, check_steps)
+from .help_format import DefaultsHelpFormatter
+from .sample_output import OUTPUTS, check_out, choose_out, earlier_outputs, make_scratch, publish, remove_scratch
+
+__all__ = ["OUTPUTS", "build_parser", "check_args", "check_out", "earlier_outputs", "features", "main", "make_plan",
+           "sampler_settings"]
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +51,8 @@ class Feature(Protocol):
 class ClassLabel:
     def add_arguments(self, parser):
         parser.add_argument("--class-label", type=int, default=None,
-                            help="class index for a class-conditional model (default: cycle through classes)")
+                            help="class index for a class-conditional model (default: every class in turn, --num-samples "
+                                 "images each)")
 
     def variants(self, args, loaded, variants):
         import torch
@@ -55,8 +63,8 @@ class ClassLabel:
                 raise UserError("--class-label needs a class-conditional checkpoint (model.condition=class) or --classifier")
             return variants
         n = model.num_classes
-        if args.class_label is not None and not 0 <= args.class_label < n:
-            raise UserError(f"--class-label {args.class_label} is out of range: this model has classes 0..{n - 1}")
+        if args.class_label is not None:
+            check_class_label(args.class_label, "--class-label", n)
         labels = [args.class_label] if args.class_label is not None else list(range(n))
         names = loaded.info.class_names
         out = []
@@ -78,18 +86,27 @@ def features() -> list[Feature]:
 
 
 def build_parser(feature_list: list[Feature]) -> argparse.ArgumentParser:
-    parser = Parser(prog="sample.py", description="Sample images from a trained checkpoint.")
+    parser = Parser(prog="sample.py", description="Sample images from a trained checkpoint.",
+                    formatter_class=DefaultsHelpFormatter)  # --help shows every default
     parser.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint, EMA weights) or one checkpoint")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance: 0 = unconditional, 1 = conditional, >1 = guided (default: config)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the run's config")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config)")
-    parser.add_argument("--num-samples", type=int, default=8, help="images per condition (class or prompt)")
-    parser.add_argument("--batch-size", type=int, default=16)
+                        help="classifier-free guidance: 0 = unconditional, 1 = conditional, >1 = guided "
+                             "(default: the run's sample.guidance_scale)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="(default: the run's sample.sampler)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="images per condition: per class when a class-conditional model has no --class-label "
+                             "(every class, so a 10-class model makes 10 x this many), per --prompt with prompts "
+                             "(default: the run's sample.num_samples, also per condition)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images denoised at once")
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed+i, so each image can be regenerated alone")
-    parser.add_argument("--out", default="samples", help="output directory")
+    parser.add_argument("--out", default=None,
+                        help="output folder; one that holds an earlier call's images needs --overwrite (default: a "
+                             "new folder each call, samples/RUN, then samples/RUN-2, ..., RUN being the checkpoint's "
+                             "run folder name)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the PNGs an earlier call wrote in --out first (otherwise such an --out is refused)")
+                        help="replace the images an earlier call wrote in --out (sample_*.png, grid.png, ...) once "
+                             "all of this call's are written; other files stay (default: such an --out is refused)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=PRECISIONS, default=None,
                         help="the denoiser's precision: bf16 autocast (default on GPUs) or fp32 (default on CPU); "
@@ -112,33 +129,15 @@ def build_parser(feature_list: list[Feature]) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """The core options' ranges (floats are finite already: see cli.args)."""
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise UserError(f"--guidance-scale must be >= 0 (0 = unconditional, 1 = conditional), got {args.guidance_scale}")
-    if args.steps is not None and args.steps <= 0:
-        raise UserError(f"--steps must be positive, got {args.steps}")
-    if args.num_samples <= 0 or args.batch_size <= 0:
-        raise UserError("--num-samples and --batch-size must be positive")
-    if not 0 <= args.seed < 2**63 - 2**32:  # sample i uses seed + i, a torch.Generator seed
-        raise UserError(f"--seed must be a whole number in [0, 2^63), got {args.seed}")
+    if args.guidance_scale is not None:
+        check_guidance_scale(args.guidance_scale)
+    if args.steps is not None:
+        check_steps(args.steps)
+    if args.num_samples is not None:
+        check_count(args.num_samples, "--num-samples")
+    check_count(args.batch_size, "--batch-size")
+    check_seed(args.seed)
     check_sigma_args(args)
-
-
-OUTPUTS = ("sample_*.png", "strip_*.png", "bicubic_*.png", "lowres_*.png", "grid.png")  # what sample.py writes
-
-
-def earlier_outputs(out: Path) -> list[Path]:
-    """The PNGs an earlier call wrote in --out; refused unless --overwrite (mixed with this call's, an
-    earlier call's extra images would pass for this one's)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
-    return sorted(p for pattern in OUTPUTS for p in out.glob(pattern)) if out.is_dir() else []
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    old = earlier_outputs(out)
-    if old and not overwrite:
-        raise UserError(f"--out {out} already holds {len(old)} images from an earlier call ({old[0].name}, ...): "
-                        "pass --overwrite to delete them first, or choose another --out")
 
 
 def check_sigma_args(args: argparse.Namespace) -> None:
@@ -181,9 +180,10 @@ def make_plan(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[
     for feature in feature_list:
         variants = feature.variants(args, loaded, variants)
     meta = {**settings.meta(loaded.schedule), "checkpoint": str(loaded.path)}
+    count = args.num_samples if args.num_samples is not None else loaded.cfg.sample.num_samples
     items = []
     for template in variants:
-        for _ in range(args.num_samples):
+        for _ in range(count):
             seed = args.seed + len(items)
             items.append(template.but(seed=seed, meta={**meta, **template.meta, "seed": str(seed)}))
     plan = SamplingPlan(items)
@@ -210,30 +210,47 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser(feature_list).parse_args(argv)
     apply_trust(args)
     check_args(args)
-    out = Path(args.out)
-    check_out(out, args.overwrite)
-    if not Path(args.checkpoint).exists():  # before the slow imports (load_model would say the same)
+    if not Path(args.checkpoint).exists():  # first, and before the slow imports (load_model would say the same)
         raise UserError(f"checkpoint not found: {args.checkpoint}")
+    out, numbered_from = choose_out(args.out, args.checkpoint, args.overwrite)
     set_cpu_threads()
     from ..device import pick_device
-    from ..sampling.images import save_grid, save_png
-    from ..memory import check_sampling_memory
-    from ..sampling.plan import run_plan
 
     loaded = load_denoiser(args.checkpoint, pick_device(args.device))
+    if args.num_samples is None:
+        args.num_samples = loaded.cfg.sample.num_samples
+    old = earlier_outputs(out)  # only with --overwrite (choose_out refused them otherwise)
+    scratch = None
+
+    def cleanup() -> None:
+        remove_scratch(scratch)
+
+    kept = f"the {len(old)} earlier images in {out} are unchanged" if old else "nothing was written"
+    with write_failures(f"the samples for {out}", out.parent, f"free space there or choose another --out; {kept}",
+                        cleanup):
+        scratch = make_scratch(out)
+        args.out = str(scratch)  # the features' finishers write strips and low-res stages there too
+        images, grid = sample_into(args, loaded, feature_list, scratch)
+        out = publish(scratch, out, numbered_from)
+    if old:
+        print(f"--overwrite: replaced the {len(old)} images an earlier call wrote in {out}")
+    print(f"wrote {len(images)} samples and {grid} to {out}")
+    return out
+
+
+def sample_into(args: argparse.Namespace, loaded: LoadedModel, feature_list: list[Feature], folder: Path):
+    """Plan, sample and write every image into `folder`; returns the images and the grid's file name."""
+    from ..memory import check_sampling_memory
+    from ..sampling.images import save_grid, save_png
+    from ..sampling.plan import run_plan
+
     settings = sampler_settings(args, loaded)
     resolution = loaded.cfg.data.resolution
     check_sampling_memory(args.num_samples, args.batch_size, resolution, loaded.device)  # before the plan lists them
     plan = make_plan(args, loaded, feature_list, settings)
     check_sampling_memory(len(plan.items), args.batch_size, resolution, loaded.device)
-    old = earlier_outputs(out)  # --overwrite (check_out refused them otherwise); finishers write during the run
-    for path in old:
-        path.unlink()
-    if old:
-        print(f"--overwrite: deleted {len(old)} images an earlier call wrote in {out}")
     images = run_plan(loaded, plan, settings)
     for index, (image, item) in enumerate(zip(images, plan.items)):
-        save_png(image, out / f"sample_{index:04d}.png", item.meta)
-    save_grid(images, out / "grid.png", nrow=args.num_samples if len(images) > args.num_samples else None)
-    print(f"wrote {len(images)} samples and grid.png to {out}")
-    return out
+        save_png(image, folder / f"sample_{index:04d}.png", item.meta)
+    save_grid(images, folder / "grid.png", nrow=args.num_samples if len(images) > args.num_samples else None)
+    return images, "grid.png"

@@ -34,17 +34,12 @@ def is_upsampler(loaded: LoadedModel) -> bool:
 
 
 def load_low_res(path: str | Path, resolution: int) -> torch.Tensor:
-    """(1, 3, r, r) in [-1, 1]: any image PIL reads (RGBA and odd sizes too), resized and centre-cropped."""
+    """(1, 3, r, r) in [-1, 1]: any image `data.common.read_image` reads (every mode, EXIF-rotated, 16-bit
+    scaled, odd sizes), resized and centre-cropped."""
     from ..conditioning import upsample as up
-    from ..data.common import image_transform, load_rgb
+    from ..data.common import image_transform, read_image
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--low-res not found: {path}")
-    try:
-        image = load_rgb(path)
-    except UserError:
-        raise UserError(f"--low-res {path} is not an image PIL can read (PNG, JPEG, ...)") from None
+    image = read_image(path, what="--low-res")  # the one reader: its errors name the file and the fix
     return up.quantise(image_transform(resolution)(image).unsqueeze(0))
 
 
@@ -56,6 +51,13 @@ def aug_level(args: argparse.Namespace, loaded: LoadedModel) -> int | float:
     if loaded.schedule.formulation != "edm" and not 0.0 <= value <= 1.0:
         raise UserError(f"--aug-level is a fraction of the training timesteps in [0, 1] (0 = clean); got {value}")
     return up.aug_level(value, loaded.schedule)
+
+
+def aug_level_meta(args: argparse.Namespace, loaded: LoadedModel) -> dict[str, str]:
+    """PNG metadata: `aug_level` as the user gives it (--aug-level, else the config's), and the level the model
+    reads (`aug_level_input`: a timestep on ddpm models, c_noise on edm), so a sample's file can be redone as is."""
+    given = loaded.cfg.upsample.aug_level if args.aug_level is None else args.aug_level
+    return {"aug_level": f"{given:g}", "aug_level_input": f"{aug_level(args, loaded):g}"}
 
 
 def consistency(args: argparse.Namespace, loaded: LoadedModel) -> bool:
@@ -143,11 +145,13 @@ class UpsampleFeature:
         from ..conditioning import upsample as up
 
         self.low = load_low_res(args.low_res, up.low_resolution(loaded.cfg))  # conditions: see extend
-        meta = {"low_res": str(args.low_res), "aug_level": str(aug_level(args, loaded)),
+        meta = {"low_res": str(args.low_res), **aug_level_meta(args, loaded),
                 "consistency": str(consistency(args, loaded))}
         return [item.but(meta={**item.meta, **meta}) for item in variants]
 
     def extend(self, args: argparse.Namespace, loaded: LoadedModel, plan: SamplingPlan) -> None:
+        if not is_upsampler(loaded) and args.upsampler is None:
+            return  # nothing to add (callers such as evaluate fid build plans without an --out)
         out = Path(args.out)
         position = {id(item): index for index, item in enumerate(plan.items)}
         if is_upsampler(loaded):
@@ -199,7 +203,7 @@ class UpsampleFeature:
                                    sigma_options(upsampler.cfg.sample))
         stage = {f"upsampler_{k}": v for k, v in settings.meta(upsampler.schedule).items()}
         project = consistency(args, upsampler)
-        stage.update(upsampler_checkpoint=str(upsampler.path), aug_level=str(level), consistency=str(project))
+        stage.update(upsampler_checkpoint=str(upsampler.path), **aug_level_meta(args, upsampler), consistency=str(project))
 
         def second_stage(images: torch.Tensor, items: list[SampleItem]) -> torch.Tensor:
             """Upsample one batch of base samples; write them as lowres_NNNN.png, return the high-res ones."""

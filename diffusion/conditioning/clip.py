@@ -117,6 +117,9 @@ def load_open_clip(arch: str, weights: str | None, device: torch.device | str) -
     if arch.endswith(".json"):
         if not Path(arch).is_file():
             raise UserError(f"open_clip model config not found: {arch}")
+        from ..structured import load_json  # the shared loader: a damaged file is one line, not open_clip's traceback
+
+        load_json(arch, "open_clip model config", dict, "a JSON object (embed_dim, vision_cfg, text_cfg)")
         open_clip.add_model_config(arch)
         name = Path(arch).stem
     if name not in open_clip.list_models():

@@ -6,6 +6,7 @@ use, so it refuses subsets; this reader needs only the images, attributes and pa
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from torchvision import transforms
 
 from ..errors import UserError
-from .common import check_text_file, load_rgb, sample_dict
+from .common import check_text_file, load_rgb, sample_dict, unreadable
 from .items import ItemRandom, random_hflip
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -110,6 +111,8 @@ class CelebA(torch.utils.data.Dataset):
         self.files = sorted(f for f, p in partition.items() if p == SPLITS[split] and f in table)
         if not self.files:
             raise UserError(f"no CelebA images of split '{split}' listed in {part_path}")
+        if images.is_dir() and not os.access(images, os.R_OK | os.X_OK):
+            raise unreadable("CelebA image folder", images)
         if not (images / self.files[0]).is_file():
             raise UserError(f"CelebA image {images / self.files[0]} is missing: extract img_align_celeba into {images.parent}")
         self.images, self.table = images, table

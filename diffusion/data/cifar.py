@@ -10,7 +10,7 @@ import torch
 from torchvision.datasets import CIFAR10, VisionDataset
 
 from ..errors import UserError
-from .common import image_transform, sample_dict, template_caption
+from .common import image_transform, sample_dict, template_caption, unreadable
 from .items import ItemRandom, random_hflip
 from .safe_pickle import ForbiddenPickle, load_data_pickle
 
@@ -74,6 +74,8 @@ class Cifar10(torch.utils.data.Dataset):
         train = split == "train"
         try:
             self.data = _CIFAR10(root, train=train, download=False)
+        except PermissionError as err:  # a batch file that exists but cannot be read: not "missing"
+            raise unreadable("CIFAR-10 file", err.filename or Path(root) / "cifar-10-batches-py") from None
         except ForbiddenPickle as err:
             raise UserError(f"refusing {err} (a pickle that runs code, not a CIFAR-10 batch)") from None
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:

@@ -9,7 +9,9 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import UserError, preview
-from .common import image_transform, load_rgb, sample_dict, template_caption
+from ..structured import parse_json
+from ..safe_text import safe_name
+from .common import check_readable, image_transform, listdir, load_rgb, sample_dict, shown, template_caption
 from .items import ItemRandom, random_hflip
 
 
@@ -24,7 +26,7 @@ def _read_metadata(path: Path) -> dict[str, str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line, f"{path}:{number}", "each line is a JSON object with 'file_name' and 'text'")
             name, text = row["file_name"], row["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path}:{number} must be a JSON object with 'file_name' and 'text'") from None
@@ -36,8 +38,19 @@ def _read_metadata(path: Path) -> dict[str, str]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files below `folder`, by name: regular files only (a FIFO would block the loader)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    """The image files below `folder`, by name: regular files only (a FIFO would block the loader);
+    symlinked sub-folders are not followed (a link loop). A sub-folder or image that exists but cannot be
+    read is a UserError naming it: skipped, it would silently train on less data."""
+    found, stack = [], [folder]
+    while stack:
+        for entry in listdir(stack.pop(), "image folder"):
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(path)
+            elif path.suffix.lower() in IMG_EXTENSIONS and entry.is_file():
+                check_readable(path)
+                found.append(path)
+    return sorted(found)
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -55,27 +68,36 @@ class ImageFolder(torch.utils.data.Dataset):
         if (base / split).is_dir():
             base = base / split
         if not base.is_dir():
-            raise UserError(f"image folder not found: {base}")
-        folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-        found = {folder.name: image_files(folder) for folder in folders}
-        for name in [name for name, files in found.items() if not files]:
-            print(f"warning: {base / name} holds no images ({', '.join(IMG_EXTENSIONS)}): it is not a class",
+            raise UserError(f"image folder not found: {shown(base)}")
+        entries = sorted(Path(e.path) for e in listdir(base, "image folder"))
+        folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+        found = {folder: image_files(folder) for folder in folders}
+        for folder in [folder for folder, files in found.items() if not files]:
+            print(f"warning: {shown(folder)} holds no images ({', '.join(IMG_EXTENSIONS)}): it is not a class",
                   file=sys.stderr)
-            del found[name]
-        top = sorted(p for p in base.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+            del found[folder]
+        top = [p for p in entries if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()]
         if found and top:
-            raise UserError(f"{base} holds {len(top)} images at its top level (e.g. {top[0].name}) beside class "
-                            f"folders ({', '.join(list(found)[:3])}): move them into a class folder, or the class "
-                            "folders' images up to make one class")
+            raise UserError(f"{shown(base)} holds {len(top)} images at its top level (e.g. {shown(top[0].name)}) beside "
+                            f"class folders ({', '.join(shown(f.name) for f in list(found)[:3])}): move them into a "
+                            "class folder, or the class folders' images up to make one class")
+        # class names go into info.json, PNG metadata, captions and logs: printable text (safe_text.safe_name)
+        names = [safe_name(folder.name) for folder in found]
+        if len(set(names)) < len(names):
+            twin = next(name for name in names if names.count(name) > 1)
+            raise UserError(f"two class folders in {shown(base)} show as the same name {twin}: rename one")
+        found = dict(zip(names, found.values()))
         self.class_names = tuple(found)
         self.samples: list[tuple[Path, int]] = [(p, label) for label, files in enumerate(found.values()) for p in files]
         if not found:
             self.samples = [(p, 0) for p in image_files(base)]
         if not self.samples:
-            raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {base}")
+            raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {shown(base)}")
         self.class_names = self.class_names or ("image",)
         self.num_classes = len(self.class_names)
         meta = base / "metadata.jsonl"
+        if meta.is_file():
+            check_readable(meta, "captions file")
         self.captions = _read_metadata(meta) if meta.is_file() else {}
         self.base = base
         self.transform, self.hflip = image_transform(resolution), hflip

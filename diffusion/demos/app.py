@@ -6,13 +6,14 @@
 
 The runs are loaded once; requests are queued and run one at a time. Every result is a PNG with
 the metadata sample.py writes, next to the `python sample.py ...` command that reproduces it.
-All calls into the library go through `diffusion.demos.backend`.
+All calls into the library go through `diffusion.demos.backend`; every bound on a request (image
+sizes, layers, uploads, the queue, how long files are kept, the values' checks) is in
+`diffusion.demos.limits`.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import sys
 import traceback
@@ -24,11 +25,13 @@ prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
 
 from ..cli.args import Parser, add_trust_argument, apply_trust  # noqa: E402
 from . import backend as B  # noqa: E402
+from . import limits as L  # noqa: E402
 
-MAX_FILE_SIZE = "10mb"
+MAX_FILE_SIZE = L.MAX_FILE_SIZE
 EXAMPLE_SIDE = 256  # example images are enlarged (nearest) so the brush can be placed pixel by pixel
-ANY_CLASS = -1
+ANY_CLASS = L.ANY_CLASS
 UP_SIDE = 200  # the Upscale tab's three pictures are shown this tall, enlarged (nearest)
+SAMPLING = dict(concurrency_id="models", concurrency_limit=L.CONCURRENCY)  # the three tabs share the models: one at a time
 CSS = ("#gen-gallery img, #ip-strip img { image-rendering: pixelated; }"  # small images: sharp pixels, no blur
        "#up-lowres img, #up-bicubic img, #up-result img "  # and enlarged to the box, side by side
        "{ image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }")
@@ -53,66 +56,57 @@ def shown_errors(fn):
         except gr.Error:
             raise
         except B.UserError as err:
-            raise gr.Error(str(err)) from None
+            raise L.shown(err, gr) from None
         except Exception as err:  # noqa: BLE001 - the page gets one line, the server log the traceback
             traceback.print_exc()
-            raise gr.Error(f"unexpected error ({type(err).__name__}): {err}") from None
+            raise L.shown(B.UserError(f"unexpected error ({type(err).__name__}): {B.first_line(err)}"), gr) from None
 
     return wrapper
 
 
-def optional(value):
-    """Blank or zero number fields mean 'off' (the run's default)."""
-    return None if value in (None, "") else value
-
-
 def whole(value, what: str, low: int = 0, high: int = 2**62) -> int:
     """A number field that must hold a whole number in [low, high] (a page can send NaN, 1e30 or 2.5)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
-        raise B.UserError(f"{what} must be a whole number from {low} to {high}, got {value}")
-    return int(number)
+    return L.whole(value, what, low, high)
 
 
 def request_from(info: B.ModelInfo, label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale,
-                 clip_scale, rescale, threshold, lo, hi, method=None, jump_length=5, jump_n_sample=5) -> B.GenerateRequest:
-    steps = whole(steps, "steps", 1, info.num_train_timesteps)
-    seed = whole(seed, "the seed")
-    count = whole(count or 1, "the number of images", 1, B.MAX_SAMPLES)
-    jump_length, jump_n_sample = whole(jump_length or 5, "jump length", 1, 1000), whole(jump_n_sample or 5, "jumps", 1, 1000)
-    interval = None
-    if optional(lo) is not None or optional(hi) is not None:
-        if optional(lo) is None or optional(hi) is None:
-            raise B.UserError("the guidance interval needs both LO and HI (or neither)")
-        interval = (float(lo), float(hi))
+                 clip_scale, rescale, threshold, lo, hi, method=None, jump_length=5, jump_n_sample=5,
+                 allow_any: bool = True) -> B.GenerateRequest:
+    """A request from the page's (or the HTTP API's) raw values, each checked in limits.py: a value of the
+    wrong type or range is refused with a message naming the field."""
+    steps = L.whole(steps, "steps", 1, info.num_train_timesteps)
+    seed = L.whole(seed, "the seed")
+    count = L.whole(count, "the number of images", 1, B.MAX_SAMPLES, blank=1)
+    jump_length = L.whole(jump_length, "jump length", 1, 1000, blank=5)
+    jump_n_sample = L.whole(jump_n_sample, "jumps", 1, 1000, blank=5)
+    lo, hi = L.number(lo, "the guidance interval LO", blank=None), L.number(hi, "the guidance interval HI", blank=None)
+    if (lo is None) != (hi is None):
+        raise B.UserError("the guidance interval needs both LO and HI (or neither)")
+    prompt = L.text(prompt, "the prompt")
     return B.GenerateRequest(
-        class_label=None if label in (None, ANY_CLASS) else int(label),
-        prompt=prompt if prompt or info.condition == "text" else None,
-        negative_prompt=negative or None, guidance_scale=None if scale is None else float(scale), sampler=sampler,
+        class_label=L.class_label(label, info.class_names, allow_any),
+        prompt=(prompt or "") if prompt or info.condition == "text" else None,
+        negative_prompt=L.text(negative, "the negative prompt"),
+        guidance_scale=L.number(scale, "the guidance scale", 0, blank=None),
+        sampler=None if sampler is None else L.choice(sampler, "the sampler", list(B.SAMPLERS)),
         steps=steps, seed=seed, num_samples=count,
-        classifier_scale=optional(classifier_scale), clip_scale=optional(clip_scale),
-        guidance_rescale=optional(rescale) or None, dynamic_threshold=optional(threshold) or None,
-        guidance_interval=interval, inpaint_method=method, jump_length=jump_length, jump_n_sample=jump_n_sample,
+        classifier_scale=L.number(classifier_scale, "the classifier scale", blank=None),
+        clip_scale=L.number(clip_scale, "the CLIP scale", blank=None),
+        guidance_rescale=L.number(rescale, "the CFG rescale", 0, 1, blank=None) or None,
+        dynamic_threshold=L.number(threshold, "the dynamic threshold", blank=None) or None,
+        guidance_interval=None if lo is None else (lo, hi),
+        inpaint_method=None if method is None else L.choice(method, "the in-painting method", list(B.INPAINT_METHODS)),
+        jump_length=jump_length, jump_n_sample=jump_n_sample,
     )
 
 
 def guard_uploads(component, gr):
     """Make a component's decoding of an upload (gradio opens it with PIL before our handler runs) end in
-    a message in the page: a damaged file or a decompression bomb would otherwise be an error without one."""
-    decode = component.preprocess
-
-    @functools.wraps(decode)
-    def preprocess(payload):
-        try:
-            return decode(payload)
-        except B.IMAGE_ERRORS as err:
-            raise gr.Error(f"the uploaded image cannot be read: {B.first_line(err)}") from None
-
-    component.preprocess = preprocess
-    return component
+    a message in the page, and check an ImageEditor's files (sizes, layer count) from their headers before
+    gradio decodes them (limits.guard_editor)."""
+    if isinstance(component, gr.ImageEditor):
+        return L.guard_editor(component, gr)
+    return L.guard_files(component, gr)
 
 
 def build_app(models: B.Models, title: str = "diffusion demo"):
@@ -154,10 +148,14 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
         request = request_from(info, label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale,
                                clip_scale, rescale, threshold, lo, hi)
         results = B.generate(models, request, lambda done, total: progress((done, total), desc="sampling", unit="steps"))
-        gallery = [(str(r.path), f"seed {r.metadata.get('seed')} {r.metadata.get('class_name', r.metadata.get('prompt', ''))}")
-                   for r in results]
+        try:  # the page gets copies in gradio's cache (deleted on delete_cache's schedule); the request folder goes now
+            served = L.serve_copies(files, [r.path for r in results])
+        finally:
+            B.release(results[0].path.parent)
+        gallery = [(path, f"seed {r.metadata.get('seed')} {r.metadata.get('class_name', r.metadata.get('prompt', ''))}")
+                   for path, r in zip(served, results)]
         commands = B.batch_command(models, request) + "\n\n# each image alone:\n" + "\n".join(r.command for r in results)
-        return gallery, [str(r.path) for r in results], commands
+        return gallery, served, commands
 
     @shown_errors
     def on_inpaint(editor, label, prompt, negative, scale, sampler, steps, seed, classifier_scale, clip_scale, rescale,
@@ -174,18 +172,26 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                 gr.Warning(warning)
         out = B.inpaint(models, image, mask, request, lambda done, total: progress((done, total), desc="in-painting", unit="steps"))
         result = out.results[0]
+        try:
+            served = L.serve_copies(ip_files, [result.path, *out.files])
+        finally:
+            B.release(result.path.parent)
         command = B.batch_command(models, request, inpaint=True) + "\n# image.png and mask.png are in the downloads"
-        return out.strip, [str(result.path), *map(str, out.files)], command
+        return out.strip, served, command
 
     @shown_errors
     def on_upscale(upload, label, prompt, negative, scale, sampler, steps, seed, aug, consistency, progress=gr.Progress()):
         image = B.read_upload(upload)
         request = request_from(up_info, label, prompt, negative, scale, sampler, steps, seed, 1, None, None, 0, None,
                                None, None)
-        request.aug_level = None if optional(aug) is None else float(aug)
-        request.consistency = bool(consistency)
+        request.aug_level = L.number(aug, "the aug level", 0, blank=None)
+        request.consistency = L.flag(consistency, "match the input exactly")
         out = B.upscale(models, image, request, lambda done, total: progress((done, total), desc="upscaling", unit="steps"))
-        return (out.low_res, out.bicubic, out.result.image, [str(f) for f in out.files],
+        try:
+            served = L.serve_copies(up_files, out.files)
+        finally:
+            B.release(out.result.path.parent)
+        return (out.low_res, out.bicubic, out.result.image, served,
                 B.upscale_command(models, request) + "\n# input.png is in the downloads")
 
     @shown_errors
@@ -210,7 +216,7 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
             seed = gr.Number(0, precision=0, label="seed (also the aug noise's)", elem_id="up-seed")
         return label, prompt, negative, scale, sampler, steps, seed
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=L.DELETE_CACHE) as demo:
         gr.Markdown(f"## {title}\n`{models.base.path}`: {info.condition}-conditional, {info.resolution}x{info.resolution}"
                     + (f"; in-painting run `{models.inpainter.path}`" if paths.inpaint_checkpoint else "")
                     + (f"; upsampler `{models.upsampler.path}`" if up_info else ""))
@@ -226,7 +232,7 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                     files = gr.File(label="PNG downloads (with sample.py's metadata)", file_count="multiple",
                                     elem_id="gen-files")
                     command = gr.Textbox(label="reproduce with", lines=3, buttons=["copy"], elem_id="gen-command")
-            go.click(on_generate, [*common, count, *extra], [gallery, files, command], concurrency_limit=1)
+            go.click(on_generate, [*common, count, *extra], [gallery, files, command], **SAMPLING)
 
         with gr.Tab("In-paint", elem_id="tab-inpaint"):
             with gr.Row():
@@ -251,7 +257,7 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                                elem_id="ip-files")
             ip_command = gr.Textbox(label="reproduce with", lines=2, buttons=["copy"], elem_id="ip-command")
             ip_go.click(on_inpaint, [editor, *ip_common, *ip_extra, method, jump_length, jump_n_sample],
-                        [strip, ip_files, ip_command], concurrency_limit=1)
+                        [strip, ip_files, ip_command], **SAMPLING)
 
         if up_info is not None:
             with gr.Tab("Upscale", elem_id="tab-upscale"):
@@ -281,15 +287,17 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                         up_command = gr.Textbox(label="reproduce with", lines=2, buttons=["copy"], elem_id="up-command")
                 up_go.click(on_upscale, [up_file, up_label, up_prompt, up_negative, up_scale, up_sampler, up_steps,
                                          up_seed, aug, consistency], [gr_low, gr_bicubic, gr_result, up_files, up_command],
-                            concurrency_limit=1)
+                            **SAMPLING)
                 cascade.click(on_cascade, [files], [up_file, up_seed, up_label, up_prompt])
-    demo.queue(default_concurrency_limit=1, max_size=32)
+    L.guard_inputs(demo, gr)
+    demo.queue(max_size=L.QUEUE_SIZE, default_concurrency_limit=L.CONCURRENCY)
     return demo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m diffusion.demos.app", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli.help_format import DefaultsHelpFormatter  # --help shows every default
+
+    parser = Parser(prog="python -m diffusion.demos.app", description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="denoiser run directory or checkpoint")
     parser.add_argument("--inpaint-checkpoint", default=None, help="in-painting run (model.inpaint: true) for the In-paint tab")
     parser.add_argument("--upsampler", default=None, help="upsampler run (model.upsample: true) for the Upscale tab: "
@@ -304,22 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def launch(demo, host: str, port: int, block: bool = True):
-    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, show_error=False,
-                       ssr_mode=False, prevent_thread_lock=not block, quiet=not block, css=CSS)
+    L.delete_served_files(demo)  # uploads and served results, also when the process ends without a clean close
+    try:
+        return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, show_error=False,
+                           ssr_mode=False, prevent_thread_lock=not block, quiet=not block, css=CSS)
+    except (OSError, OverflowError) as err:  # checked in main() already; a port taken meanwhile lands here
+        raise B.UserError(f"cannot serve on {host} port {port}: {B.first_line(err)}: pass another --port") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         args = build_parser().parse_args(argv)
+        L.check_listen(args.host, args.port)  # before the models load: a bad --port fails in a moment
         apply_trust(args)
         set_cpu_threads()
         import_gradio()
         models = B.load_models(B.DemoPaths(args.checkpoint, args.inpaint_checkpoint, args.upsampler, args.classifier,
                                            args.clip, args.device))
+        launch(build_app(models), args.host, args.port)
     except B.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    launch(build_app(models), args.host, args.port)
 
 
 if __name__ == "__main__":

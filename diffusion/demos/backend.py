@@ -26,17 +26,18 @@ from ..conditioning.inpaint import files as inpaint_files
 from ..conditioning.inpaint.methods import METHODS
 from ..data import build_dataset
 from ..device import pick_device
-from ..data.common import IMAGE_ERRORS
+from ..data.common import IMAGE_ERRORS, read_image
 from ..errors import UserError, first_line
 from ..sampling.images import save_png, to_pil
 from ..sampling.plan import run_plan
 from ..sampling.samplers import SAMPLERS
+from . import limits as L
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 INPAINT_METHODS = METHODS
 MAX_SAMPLES = 16  # images per condition
 MAX_IMAGES = 64  # images per request
-MAX_SIDE = 4096  # uploads larger than this (in pixels) are refused
+MAX_SIDE = L.MAX_SIDE  # uploads larger than this (in pixels) are refused; every bound: diffusion/demos/limits.py
 
 
 @dataclass
@@ -147,13 +148,14 @@ def load_models(paths: DemoPaths) -> Models:
     if upsampler is not None and not upsample_cli.is_upsampler(upsampler):
         raise UserError(f"--upsampler {paths.upsampler} is not an upsampler (its config has model.upsample: false)")
     models = Models(paths, base, inpainter, Path(tempfile.mkdtemp(prefix="diffusion-demo-")), upsampler=upsampler)
+    L.remove_at_exit(models.workdir)  # request folders go after each response (release); the rest at exit
     if paths.classifier or paths.clip:  # the features load and check them (and keep them) on first use
         prompt = "a" if paths.clip else ("" if getattr(base.model, "condition", "none") == "text" else None)
         _plan(models, base, _argv(models, base, GenerateRequest(prompt=prompt, steps=1)), Path(models.workdir))
     return models
 
 
-def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: str = "samples/demo",
+def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: str | None = None,
           image: str | None = None, mask: str | None = None, low_res: str | None = None) -> list[str]:
     """The sample.py arguments for a request (`low_res`: the upsampler on that image)."""
     r, p = request, models.paths
@@ -182,7 +184,7 @@ def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: st
         argv.append("--consistency" if r.consistency else "--no-consistency")
     if r.guidance_interval is not None:
         argv += ["--guidance-interval", *(f"{v:g}" for v in r.guidance_interval)]
-    return [*argv, "--out", out]
+    return [*argv, "--out", out] if out else argv  # the shown command: sample.py picks a fresh samples/RUN[-N]
 
 
 def _plan(models: Models, loaded: LoadedModel, argv: list[str], out: Path):
@@ -212,26 +214,35 @@ def _run(models: Models, loaded: LoadedModel, request: GenerateRequest, progress
     models.requests += 1
     out = models.workdir / f"request-{models.requests:04d}"
     out.mkdir(parents=True)
-    shown, real = dict(out="samples/demo"), dict(out=str(out))
-    for name, picture in (inputs or {}).items():
-        file = "input.png" if name == "low_res" else f"{name}.png"
-        picture.save(out / file)
-        shown[name], real[name] = file, str(out / file)
-    args, plan, settings = _plan(models, loaded, _argv(models, loaded, request, **real), out)
-    if progress is not None:
-        progress(0, 1)
-    images = run_plan(loaded, plan, settings, progress=progress, bar=False)
-    results = []
-    for index, (tensor, item) in enumerate(zip(images, plan.items)):
-        path = out / f"sample_{index:04d}.png"
-        save_png(tensor, path, item.meta)  # exactly what sample.py writes
-        alone = GenerateRequest(**{**request.__dict__, "seed": item.seed, "num_samples": 1})
-        if item.label is not None and request.class_label is None:
-            alone.class_label = item.label
-        command = "python sample.py " + shlex.join(_argv(models, loaded, alone, **shown))
-        with Image.open(path) as png:
-            results.append(Result(png.convert("RGB"), dict(png.text), path, command))
+    try:
+        shown, real = dict(out=None), dict(out=str(out))
+        for name, picture in (inputs or {}).items():
+            file = "input.png" if name == "low_res" else f"{name}.png"
+            picture.save(out / file)
+            shown[name], real[name] = file, str(out / file)
+        args, plan, settings = _plan(models, loaded, _argv(models, loaded, request, **real), out)
+        if progress is not None:
+            progress(0, 1)
+        images = run_plan(loaded, plan, settings, progress=progress, bar=False)
+        results = []
+        for index, (tensor, item) in enumerate(zip(images, plan.items)):
+            path = out / f"sample_{index:04d}.png"
+            save_png(tensor, path, item.meta)  # exactly what sample.py writes
+            alone = GenerateRequest(**{**request.__dict__, "seed": item.seed, "num_samples": 1})
+            if item.label is not None and request.class_label is None:
+                alone.class_label = item.label
+            command = "python sample.py " + shlex.join(_argv(models, loaded, alone, **shown))
+            with Image.open(path) as png:
+                results.append(Result(png.convert("RGB"), dict(png.text), path, command))
+    except BaseException:
+        release(out)  # a refused or failed request leaves nothing behind
+        raise
     return results, out
+
+
+def release(folder: Path | None) -> None:
+    """Delete a request's folder once its response is built (the page serves copies: see app.py)."""
+    L.remove_tree(folder)
 
 
 REQUEST_NUMBERS = {"guidance_scale": "the guidance scale", "classifier_scale": "the classifier scale",
@@ -266,6 +277,16 @@ def batch_command(models: Models, request: GenerateRequest, inpaint: bool = Fals
 
 def paint_mask_from_layers(size: tuple[int, int], layers: list[np.ndarray | Image.Image]) -> Image.Image:
     """A mask file (L, white = generate) from brush layers: painted wherever a layer is not transparent."""
+    if len(layers) > L.MAX_LAYERS:
+        raise UserError(f"the request has {len(layers)} brush layers: at most {L.MAX_LAYERS}")
+    budget = L.PixelBudget()
+    budget.take(size)
+    for index, layer in enumerate(layers):
+        if isinstance(layer, Image.Image):
+            budget.take(layer.size, f"brush layer {index + 1}")
+        elif layer is not None:
+            shape = np.shape(layer)
+            budget.take((shape[1], shape[0]) if len(shape) >= 2 else (0, 0), f"brush layer {index + 1}")
     painted = np.zeros((size[1], size[0]), dtype=bool)
     for layer in layers:
         if layer is None:
@@ -282,8 +303,7 @@ def paint_mask_from_layers(size: tuple[int, int], layers: list[np.ndarray | Imag
 def check_upload(image: Image.Image | None, what: str = "image") -> Image.Image:
     if image is None:
         raise UserError(f"upload an {what} first")
-    if max(image.size) > MAX_SIDE:
-        raise UserError(f"the {what} is {image.size[0]}x{image.size[1]}: at most {MAX_SIDE} pixels a side")
+    L.PixelBudget().take(image.size, what)  # before convert(): a lazily opened file is not decoded yet
     return image.convert("RGB")
 
 
@@ -309,16 +329,18 @@ def inpaint(models: Models, image: Image.Image, paint_mask: Image.Image | np.nda
 def coverage_warning(models: Models, paint_mask: Image.Image) -> str | None:
     """sample.py's warning for a mask that leaves (almost) nothing to generate or to keep."""
     res = models.inpainter.cfg.data.resolution
-    path = models.workdir / "coverage-mask.png"
-    paint_mask.save(path)
-    return inpaint_files.coverage_warning(inpaint_files.load_mask(path, res))
+    with tempfile.TemporaryDirectory(dir=models.workdir) as folder:
+        path = Path(folder) / "coverage-mask.png"
+        paint_mask.save(path)
+        return inpaint_files.coverage_warning(inpaint_files.load_mask(path, res))
 
 
 def model_input(models: Models, image: Image.Image) -> Image.Image:
     """The image as the in-painting model sees it: resized and centre-cropped to its resolution."""
-    path = models.workdir / "model-input.png"
-    image.convert("RGB").save(path)
-    return to_pil(inpaint_files.load_image(path, models.inpainter.cfg.data.resolution)[0])
+    with tempfile.TemporaryDirectory(dir=models.workdir) as folder:
+        path = Path(folder) / "model-input.png"
+        image.convert("RGB").save(path)
+        return to_pil(inpaint_files.load_image(path, models.inpainter.cfg.data.resolution)[0])
 
 
 def example_images(models: Models, side: int, count: int = 4) -> list[Path]:
@@ -341,12 +363,11 @@ def read_upload(path: str | Path | None, what: str = "image") -> Image.Image:
     """An uploaded file as an RGB image, refused in one line when PIL cannot read it or it is too large."""
     if path is None:
         raise UserError(f"upload an {what} first")
-    try:
-        with Image.open(path) as picture:
-            return check_upload(picture, what)
-    except IMAGE_ERRORS as err:  # damaged, not an image, or a "decompression bomb" header
-        raise UserError(f"the uploaded file {Path(path).name} is not an {what} PIL can read (PNG, JPEG, ...): "
-                        f"{first_line(err)}") from None
+    if not isinstance(path, (str, Path)):
+        raise UserError(f"the {what} must be an uploaded file, got {type(path).__name__}")
+    L.PixelBudget().file(path, what)  # from the header, before anything is decoded
+    # the one reader of every image file: EXIF orientation, 16-bit, palette and alpha as on the command line
+    return read_image(path, what=f"the uploaded {what}")
 
 
 def upscale(models: Models, image: Image.Image, request: GenerateRequest,
@@ -388,12 +409,17 @@ def cascade_source(models: Models, generated: list[str] | None) -> tuple[str, di
     cascade_check(models)
     if not generated:
         raise UserError("generate an image in the Generate tab first")
-    with Image.open(generated[0]) as png:
-        return generated[0], dict(png.text)
+    path = str(generated[0])
+    L.PixelBudget().file(path, "generated image")  # reading PNG text can decode the image: size first
+    try:
+        with Image.open(path) as png:
+            return path, {str(k): str(v) for k, v in dict(getattr(png, "text", {}) or {}).items()}
+    except IMAGE_ERRORS as err:
+        raise UserError(f"the generated image cannot be read: {first_line(err)}: generate again") from None
 
 
 __all__ = ["DemoPaths", "Models", "ModelInfo", "GenerateRequest", "Result", "InpaintResult", "SAMPLERS",
            "INPAINT_METHODS", "load_models", "generate", "inpaint", "batch_command", "paint_mask_from_layers",
            "check_upload", "coverage_warning", "example_images", "model_input", "upscale", "UserError",
            "UpscaleResult", "read_upload", "upscale_command", "cascade_check", "cascade_source", "check_request",
-           "IMAGE_ERRORS", "first_line"]
+           "IMAGE_ERRORS", "first_line", "release"]

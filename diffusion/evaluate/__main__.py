@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 from ..cli.args import Parser, add_trust_argument, apply_trust
+from ..cli.help_format import DefaultsHelpFormatter
 from ..errors import UserError, exit_on_user_error
 from ..threads import prefer_passive_waits, set_cpu_threads
 from . import COMMANDS
@@ -24,11 +28,27 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
         raise UserError(f"unknown evaluation '{command}': choose one of {', '.join(available)}")
     module = available[command]
     parser = Parser(prog=f"python -m diffusion.evaluate {command}", description=module.__doc__,
+                    formatter_class=DefaultsHelpFormatter,
                     allow_abbrev=False)  # --classifier must pass through, not abbreviate --classifier-scale
     module.add_arguments(parser)
     if not any("--trust-checkpoint" in action.option_strings for action in parser._actions):
         add_trust_argument(parser)
     return parser, module
+
+
+def summary(module_name: str) -> str:
+    """The first line of an evaluation module's docstring, read from its source (no torch import: --help is fast)."""
+    spec = importlib.util.find_spec(module_name)
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) if spec and spec.origin else None
+    return doc.splitlines()[0] if doc else ""
+
+
+def overview() -> str:
+    """`python -m diffusion.evaluate --help`: every evaluation with its one-line summary."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary(module)}" for name, module in COMMANDS.items()]
+    return ("usage: python -m diffusion.evaluate EVALUATION [options]   (EVALUATION --help: its options and defaults)\n\n"
+            "evaluations:\n" + "\n".join(lines))
 
 
 def parse(parser: argparse.ArgumentParser, module, argv: list[str]):
@@ -40,7 +60,12 @@ def parse(parser: argparse.ArgumentParser, module, argv: list[str]):
 def main(argv: list[str] | None = None) -> None:
     prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
     argv = sys.argv[1:] if argv is None else argv
-    parser, module = build_parser(argv[0] if argv else "nothing")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        if not argv:
+            raise UserError(f"name an evaluation: python -m diffusion.evaluate {{{','.join(COMMANDS)}}} ...")
+        return
+    parser, module = build_parser(argv[0])
     args = parse(parser, module, argv[1:])
     apply_trust(args[0] if isinstance(args, tuple) else args)
     set_cpu_threads()

@@ -24,17 +24,17 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
 from ..checkpoints.load import load_model
 from ..cli.sample import build_parser, check_args, features, make_plan, sampler_settings
-from ..data.common import IMAGE_ERRORS, load_rgb
+from ..cli.help_format import DefaultsHelpFormatter
+from ..data.common import IMAGE_ERRORS, listdir, load_rgb, open_image
 from ..device import pick_device
 from ..errors import UserError, first_line
 from ..io import atomic_write_text
-from ..sampling.images import save_png
+from ..sampling.images import png_text, save_png
 from ..sampling.plan import SampleItem, run_plan
 from .extractors import RESIZES, build_extractor
 from .feature_stats import KID_SUBSET_SIZE, KID_SUBSETS, accumulate, scores
@@ -45,7 +45,7 @@ SKIPPED_NAMES = ("grid.png",)  # sample.py's overview grid is not a sample
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = DefaultsHelpFormatter  # the description keeps its lines; every option shows its default
     parser.add_argument("--samples", required=True, help="a directory of sample images, or a run/checkpoint to sample from")
     parser.add_argument("--reference", default=None,
                         help="image directory, or dataset NAME[:SPLIT] (shapes, cifar10, celeba, imagefolder); "
@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def image_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir()
+    """The sample images in `directory`; a folder that cannot be read is a UserError (`listdir`)."""
+    return sorted(p for p in (Path(e.path) for e in listdir(directory, "samples folder"))
                   if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and p.name not in SKIPPED_NAMES)
 
 
@@ -82,22 +83,21 @@ def image_size(path: Path) -> int:
 
 
 def image_header(path: Path) -> tuple[int, dict[str, str]]:
-    """(width, PNG text chunks) of an image file, or a one-line UserError naming it."""
-    try:
-        with Image.open(path) as img:
+    """(width, PNG text chunks) of an image file, or a one-line UserError naming it (`open_image`: header
+    only, bounded size). The width as stored: samples are square, so orientation does not change it."""
+    with open_image(path, "sample") as img:
+        try:
             return img.width, dict(getattr(img, "text", {}))
-    except IMAGE_ERRORS as err:
-        raise UserError(f"cannot read image {path}: {first_line(err)}") from None
+        except IMAGE_ERRORS as err:
+            raise UserError(f"cannot read sample {path}: {first_line(err)}") from None
 
 
 def png_matches(path: Path, meta: dict[str, str]) -> bool:
     """Whether `path` is a PNG already generated with exactly these settings (a resumed run)."""
-    if not path.is_file():
-        return False
     try:
-        with Image.open(path) as img:
-            return img.format == "PNG" and dict(getattr(img, "text", {})) == meta
-    except IMAGE_ERRORS:
+        with open_image(path, "sample") as img:
+            return img.format == "PNG" and dict(getattr(img, "text", {})) == png_text(meta)
+    except (UserError, *IMAGE_ERRORS):  # missing, unreadable or damaged: generate it again
         return False
 
 

@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.load import LoadedModel, load_model
+from ..checkpoints.store import run_dir_of
 from ..conditioning.inpaint import files
 from ..conditioning.inpaint.masks import MASK_TYPES, seeded_mask_grid
 from ..conditioning.inpaint.methods import METHODS, is_inpaint_model, run_inpainting
 from ..data import build_dataset
 from ..device import default_precision, pick_device
 from ..errors import UserError
+from ..io import atomic_write_text
 from ..sampling.plan import SamplerSettings, sigma_options
 from ..sampling.samplers import SAMPLERS
 
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    parser.add_argument("--json", default=None, help="where the table is written as JSON (default: RUN/eval/inpaint.json)")
 
 
 def held_out(loaded: LoadedModel, args: argparse.Namespace) -> tuple[torch.Tensor, list[dict]]:
@@ -130,7 +132,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         cells = [method, run_name(loaded.path),
                  *(f"{row[k]:.4f}" for k in [*kinds, "all"]), f"{row['known_max_abs']:.1g}", f"{row['seconds']:.0f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    path = Path(args.json) if args.json else run_dir_of(main.path) / "eval" / "inpaint.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(rows, indent=2))
+    print(f"report: {path}")
     return rows

@@ -29,6 +29,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ..checkpoints.load import load_model
+from ..checkpoints.store import run_dir_of
 from ..conditioning import upsample as up
 from ..device import default_precision, pick_device
 from ..errors import UserError
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default="eval_upsample", help="output directory")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN/eval/upsample)")
     parser.add_argument("--save-images", action="store_true",
                         help="also write every SR, bicubic and bilinear image (for FID/KID)")
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     res = cfg.data.resolution
     settings = SamplerSettings(args.sampler or cfg.sample.sampler, args.steps or cfg.sample.steps, args.guidance_scale,
                                args.batch_size, default_precision(device), sigma_options(cfg.sample))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else run_dir_of(loaded.path) / "eval" / "upsample"
     rows, shown = [], {}
 
     def add(method: str, fraction: float | str, results: torch.Tensor, seconds: float, folder: str,

@@ -19,10 +19,18 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy())
 
 
+def png_text(meta: dict[str, str]) -> dict[str, str]:
+    """The text chunks written for `meta`: values made printable UTF-8 (`safe_text.safe_name`; newlines
+    and tabs kept), since a class or file name may hold bytes no PNG text chunk can take."""
+    from ..safe_text import safe_name
+
+    return {key: safe_name(str(value), limit=None, keep="\n\t") for key, value in meta.items()}
+
+
 def png_info(meta: dict[str, str]) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    for key, value in meta.items():
-        info.add_text(key, str(value))
+    for key, value in png_text(meta).items():
+        info.add_text(key, value)
     return info
 
 

@@ -7,11 +7,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 from pathlib import Path
+from typing import Iterator
 
 from ..cli.args import Parser
-from ..errors import UserError, exit_on_user_error
+from ..cli.help_format import DefaultsHelpFormatter
+from ..errors import UserError, exit_on_user_error, first_line, preview
 from ..threads import prefer_passive_waits, set_cpu_threads
 
 
@@ -31,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--params", type=float)
     q.add_argument("--images", type=float, help="training images seen")
     q.add_argument("--target-loss", type=float)
+    for parser in (p, s, f, q):
+        parser.formatter_class = DefaultsHelpFormatter  # --help shows every default
     return p
 
 
@@ -45,23 +51,64 @@ def _rows(runs_dir: Path) -> list[dict]:
     return rows
 
 
-def _fit_settings(runs_dir: Path):
-    import yaml
+SWEEP_COPY_FIX = "it is the sweep's copy of its sweep file: copy the sweep file over it, or delete it to fit with the defaults"
 
+
+def _fit_settings(runs_dir: Path):
+    """The `fit:` section of the sweep folder's sweep.yaml (defaults without one), through the shared
+    loader: an invalid, non-UTF-8 or wrongly shaped file, or a bad fit value, is one line naming it."""
     from ..config import from_dict
-    from .sweep_config import FitConfig
+    from .sweep_config import FitConfig, fit_problems, read_sweep_yaml
 
     path = runs_dir / "sweep.yaml"
-    raw = (yaml.safe_load(path.read_text()) or {}).get("fit", {}) if path.is_file() else {}
-    return from_dict(FitConfig, raw or {})
+    if not path.exists():
+        return FitConfig()
+    label = f"sweep file {path}"
+    try:
+        raw = read_sweep_yaml(path).get("fit") or {}
+    except UserError as err:
+        raise UserError(f"{err}; {SWEEP_COPY_FIX}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{label}: 'fit' must be a mapping (n_boot, outlier_sigma, huber_scale), got {preview(raw)}")
+    try:
+        fc = from_dict(FitConfig, raw, "fit.")
+    except UserError as err:
+        raise UserError(f"{label}: {err}".replace("config key", "sweep key")) from None
+    wrong = next(((key, value) for key, value, ok in fit_problems(fc) if not ok), None)
+    if wrong:
+        raise UserError(f"{label}: {wrong[0]} = {preview(wrong[1])} is out of range (see docs/scaling.md)")
+    return fc
+
+
+@contextlib.contextmanager
+def _numeric_failures(runs_dir: Path) -> Iterator[None]:
+    """A fit that fails on numbers no check foresaw (an overflow, a singular matrix) as one line, not a traceback;
+    numpy's warnings on the way are not printed."""
+    import warnings
+
+    import numpy as np
+
+    try:  # overflows in the optimiser's trial points are expected: not a screenful of RuntimeWarnings
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    except (ValueError, ArithmeticError) as err:  # numpy's LinAlgError is a ValueError
+        raise UserError(f"the fits failed on the evaluations under {runs_dir} ({type(err).__name__}: {first_line(err)}): check its runs' "
+                        "evals.jsonl and meta.json for values far from the others") from None
+
+
+def _positive(value: float | None, flag: str) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise UserError(f"{flag} must be a positive finite number, got {value:g}")
 
 
 def cmd_sweep(args) -> None:
-    from .sweep import run_sweep
     from .sweep_config import expand_grid, load_sweep, parse_shard
 
-    sweep = load_sweep(args.config)
+    sweep = load_sweep(args.config)  # before the trainer's imports: a bad sweep file is answered sooner
     index, count = parse_shard(args.shard)
+    from .sweep import run_sweep
+
     print(f"sweep: {len(expand_grid(sweep))} runs in the grid; shard {index + 1}/{count} -> {sweep.settings.output_dir}")
     status = run_sweep(sweep, index, count)
     print(json.dumps(status, indent=1))
@@ -72,32 +119,43 @@ def cmd_fit(args) -> None:
     from .report import Runs, fit_all, holdout_largest, write_outputs
 
     runs_dir = Path(args.runs)
+    if args.n_boot is not None and not 0 <= args.n_boot <= 100_000:
+        raise UserError(f"--n-boot must be between 0 and 100000, got {args.n_boot}")
     runs = Runs.from_rows(_rows(runs_dir))
     fc = _fit_settings(runs_dir)
     kw = dict(n_boot=fc.n_boot if args.n_boot is None else args.n_boot, huber=fc.huber_scale, outlier_sigma=fc.outlier_sigma)
-    rep = fit_all(runs, **kw)
-    holdout = holdout_largest(runs, **kw) if args.holdout else None
-    write_outputs(runs_dir, rep, holdout)
-    if not args.no_plots:
-        plot_all(runs_dir, runs, rep)
+    with _numeric_failures(runs_dir):
+        rep = fit_all(runs, **kw)
+        holdout = holdout_largest(runs, **kw) if args.holdout else None
+        write_outputs(runs_dir, rep, holdout)
+        if not args.no_plots:
+            plot_all(runs_dir, runs, rep)
     print((runs_dir / "summary.md").read_text())
     print(f"wrote {runs_dir / 'fits.json'}, {runs_dir / 'summary.md'} and plots")
 
 
 def cmd_predict(args) -> None:
-    from .fit import compute_for_target_loss
     from .report import Runs, fit_all
 
     runs_dir = Path(args.runs)
     if args.target_loss is None and (args.params is None or args.images is None):
         raise UserError("predict needs --params N --images D, or --target-loss X")
+    for value, flag in ((args.params, "--params"), (args.images, "--images"), (args.target_loss, "--target-loss")):
+        _positive(value, flag)
     runs = Runs.from_rows(_rows(runs_dir))
     fc = _fit_settings(runs_dir)
-    rep = fit_all(runs, n_boot=0, huber=fc.huber_scale)
-    joint = rep.objects.get("joint")
-    if joint is None:
-        raise UserError(f"the joint L(N, D) fit failed: {rep.fits['joint'].get('error')}")
-    flops = rep.objects["forward_flops"]
+    with _numeric_failures(runs_dir):
+        _predict(args, fit_all(runs, n_boot=0, huber=fc.huber_scale))
+
+
+def _predict(args, rep) -> None:
+    from .fit import compute_for_target_loss
+
+    joint, flops = rep.objects.get("joint"), rep.objects.get("forward_flops")
+    if joint is None or flops is None:
+        failed = "joint" if joint is None else "forward_flops"
+        raise UserError(f"the {'joint L(N, D)' if joint is None else 'forward FLOPs'} fit failed: "
+                        f"{rep.fits.get(failed, {}).get('error')}")
     if args.target_loss is not None:
         plan = compute_for_target_loss(joint, args.target_loss, flops)
         print(f"target loss {plan.target_loss:g}: C = {plan.flops:.3g} training FLOPs with N = {plan.params:.3g} "

@@ -14,6 +14,7 @@ The grid key `compute` (training FLOPs) sets `train.max_steps` so the run uses t
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, apply_overrides, from_dict, load_config, to_dict, validate
-from ..errors import UserError
+from ..config import Config, ConfigDumper, apply_overrides, from_dict, load_config, to_dict, validate
+from ..errors import UserError, preview
+from ..structured import load_yaml
 from .valloss import ValLossConfig
 
 COMPUTE_KEY = "compute"
@@ -75,31 +77,95 @@ def _merge(into: dict, extra: dict) -> dict:
     return into
 
 
+SWEEP_SHAPE = "a mapping of sweep settings (base, output_dir, config, grids, eval, fit)"
+MAX_POINTS = 10_000  # grid points of one sweep file: each is a training run
+
+
+def read_sweep_yaml(path: str | Path, kind: str = "sweep file") -> dict[str, Any]:
+    """A sweep file's mapping through the shared loader (diffusion/structured.py): one line naming the
+    file for binary data, invalid YAML, duplicate keys, alias bombs, deep nesting or a wrong shape."""
+    return load_yaml(path, kind, dict, SWEEP_SHAPE, empty={})
+
+
+def _grids(raw: dict[str, Any], label: str) -> list[dict[str, list[Any]]]:
+    """The `grids` list (or the one `grid` mapping), each a mapping of dotted keys to value lists."""
+    if "grid" in raw and "grids" in raw:
+        raise UserError(f"{label} has both 'grid' and 'grids': keep one (grids: a list of grid mappings)")
+    grids = raw.pop("grids", None) if "grids" in raw else [raw.pop("grid")] if "grid" in raw else None
+    if isinstance(grids, dict):
+        raise UserError(f"{label}: 'grids' must be a list of grid mappings (- {{key: [values]}}), not a mapping; "
+                        "for one grid write 'grid:'")
+    if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) and g for g in grids):
+        raise UserError(f"{label} needs a 'grid' mapping (or a 'grids' list) of dotted config keys to value lists")
+    out, points = [], 0
+    for grid in grids:
+        for key, values in grid.items():
+            if not isinstance(key, str) or not key:
+                raise UserError(f"{label}: the grid key {preview(key)} is not a dotted config key (e.g. model.base_channels)")
+            if isinstance(values, list) and not values:
+                raise UserError(f"{label}: the grid key {preview(key)} has an empty value list: give it at least one value")
+            if key == COMPUTE_KEY and not all(_positive(v) for v in (values if isinstance(values, list) else [values])):
+                raise UserError(f"{label}: every '{COMPUTE_KEY}' value must be a positive number of training FLOPs, "
+                                f"got {preview(values)}")
+        out.append({k: (v if isinstance(v, list) else [v]) for k, v in grid.items()})
+        points += math.prod(len(v) for v in out[-1].values())
+        if points > MAX_POINTS:
+            raise UserError(f"{label}: the grids hold more than {MAX_POINTS} points, each a training run: split the sweep")
+    return out
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_settings(settings: SweepSettings, label: str) -> None:
+    """Values of eval: and fit: no sweep can use (each is read long after the file, at the first evaluation)."""
+    ev, fc, val = settings.eval, settings.fit, settings.eval.val
+    wrong = [("eval.points", ev.points, ev.points >= 1), ("eval.first_step", ev.first_step, ev.first_step >= 1),
+             ("eval.val.num_images", val.num_images, val.num_images >= 1), ("eval.val.repeats", val.repeats, val.repeats >= 1),
+             ("eval.val.buckets", val.buckets, val.buckets >= 1), ("eval.val.batch_size", val.batch_size, val.batch_size >= 1),
+             *fit_problems(fc)]
+    for key, value, ok in wrong:
+        if not ok:
+            raise UserError(f"{label}: {key} = {preview(value)} is out of range (see docs/scaling.md)")
+
+
+def fit_problems(fc: FitConfig) -> list[tuple[str, Any, bool]]:
+    """(key, value, within range) of each fit: setting."""
+    return [("fit.n_boot", fc.n_boot, 0 <= fc.n_boot <= 100_000),
+            ("fit.outlier_sigma", fc.outlier_sigma, math.isfinite(fc.outlier_sigma) and fc.outlier_sigma > 0),
+            ("fit.huber_scale", fc.huber_scale, math.isfinite(fc.huber_scale) and fc.huber_scale > 0)]
+
+
 def load_sweep(path: str | Path) -> Sweep:
-    """Read a sweep file; unknown keys and empty grids are refused in one line."""
+    """Read a sweep file; unknown keys, empty grids and grid points that are no valid config are refused
+    in one line naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"sweep file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"sweep file {path} must be a mapping")
-    grids = raw.pop("grids", None) or ([raw.pop("grid")] if "grid" in raw else None)
+    label = f"sweep file {path}"
+    raw = read_sweep_yaml(path)
+    grids = _grids(raw, label)
     overrides = raw.pop("config", None) or {}
-    if not grids or not all(isinstance(g, dict) and g for g in grids):
-        raise UserError(f"sweep file {path} needs a 'grid' mapping (or a 'grids' list) of dotted config keys to value lists")
-    settings = from_dict(SweepSettings, raw)
+    if not isinstance(overrides, dict):
+        raise UserError(f"{label}: 'config' must be a mapping of config sections (overrides of the base config)")
+    try:
+        settings = from_dict(SweepSettings, raw)
+    except UserError as err:
+        raise UserError(f"{label}: {err}".replace("config key", "sweep key")) from None
+    _check_settings(settings, label)
     base = {}
     if settings.base:
         base_path = (path.parent / settings.base) if not Path(settings.base).is_absolute() else Path(settings.base)
-        base = to_dict(load_config(base_path))
+        try:
+            base = to_dict(load_config(base_path))
+        except UserError as err:
+            raise UserError(f"{label}: its base: {err}") from None
     base_data = _merge(base, overrides)
-    grids = [{k: (v if isinstance(v, list) else [v]) for k, v in g.items()} for g in grids]
     sweep = Sweep(settings, base_data, grids, path)
     for point in expand_grid(sweep):  # every point must be a valid config
-        point_config(sweep, point, check_only=True)
+        try:
+            point_config(sweep, point, check_only=True)
+        except UserError as err:
+            raise UserError(f"{label}, grid point {preview(point.name, 100)}: {err}") from None
     return sweep
 
 
@@ -134,7 +200,7 @@ def point_config(sweep: Sweep, point: Point, check_only: bool = False) -> Config
     import copy
 
     data = copy.deepcopy(sweep.base_data)
-    items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+    items = [f"{k}={yaml.dump(v, Dumper=ConfigDumper, default_flow_style=True).strip().removesuffix('...').strip()}"
              for k, v in point.values.items() if k != COMPUTE_KEY]
     items.append(f"output_dir={Path(sweep.settings.output_dir) / point.name}")
 

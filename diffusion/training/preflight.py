@@ -1,6 +1,7 @@
 """Checks that a run can start, made before the model, data and accelerate are loaded: the output
-folder is writable and holds no other run (unless --resume or --overwrite), the --resume checkpoint is complete and in the expected file formats, and the
-device can do the requested mixed precision. Each failure is one UserError line.
+folder lies inside no other run (diffusion.io.check_output_path), is writable and holds no other run
+(unless --resume or --overwrite), the --resume checkpoint is complete and in the expected file formats,
+and the device can do the requested mixed precision. Each failure is one UserError line.
 
 train.py runs them before its slow imports, so torch is imported only by the checks that need it.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 from ..checkpoints.run_folder import check_new_run
 from ..config import Config
 from ..errors import UserError, first_line
-from ..io import check_output_dir
+from ..io import check_output_dir, check_output_path
 
 STATE_DIR = "accelerate"  # accelerator.save_state's folder in a checkpoint
 REQUIRED_STATE = ("model.safetensors", "optimizer.bin")
@@ -72,6 +73,7 @@ def find_resume(cfg: Config, resume: str | None) -> Path | None:
 
 def preflight(cfg: Config, resume: str | None, overwrite: bool = False) -> Path | None:
     """Every check above; returns the checkpoint to resume from, if any."""
+    check_output_path(cfg.output_dir, "output_dir", run=True)  # before check_output_dir creates it
     check_output_dir(cfg.output_dir)
     check_new_run(cfg.output_dir, resume, overwrite)
     path = find_resume(cfg, resume)

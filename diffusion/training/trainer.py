@@ -5,10 +5,12 @@ Follows diffusers' train_unconditional.py: one Accelerator drives CPU, one GPU o
 """
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import ContextManager
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +29,7 @@ from ..config import Config, save_config
 from ..data import build_dataloader, build_dataset, pins_memory
 from ..device import compile_model, use_fast_cuda_math
 from ..errors import Diverged, Interrupted, UserError, first_line, one_line
+from ..io import write_failures
 from ..memory import check_training_memory
 from ..signals import blocked_stop_signals
 from ..threads import cpu_threads_note
@@ -69,9 +72,10 @@ class Trainer:
         )
         self.run_lock = RunLock(self.run_dir) if self.accelerator.is_main_process else None  # one run per folder
         if self.run_lock is not None:
-            if overwrite:
-                self.move_old_run_aside()
-            ckpt.remove_crash_residue(self.run_dir)  # .tmp-* folders of a killed save; safe under the lock
+            with self.write_guard(f"output_dir {self.run_dir}"):
+                if overwrite:
+                    self.move_old_run_aside()
+                ckpt.remove_crash_residue(self.run_dir)  # .tmp-* folders of a killed save; safe under the lock
         self.accelerator.wait_for_everyone()
         set_seed(cfg.train.seed, device_specific=True)
         use_fast_cuda_math(self.accelerator.device, cfg.train.allow_tf32)
@@ -112,6 +116,20 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def write_guard(self, what: str, partial: Path | None = None) -> ContextManager[None]:
+        """A full disk (or quota, read-only file system) while writing `what` ends the run in one line
+        (exit 2) naming the newest complete checkpoint, which is kept; `partial`, the half-written
+        folder, is deleted first (the main process writes it)."""
+        def cleanup() -> None:
+            if partial is not None and self.accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+
+        def fix() -> str:
+            saved = ckpt.list_checkpoints(self.run_dir)
+            kept = f"the newest complete checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved yet"
+            return f"free space there, then continue with --resume auto ({kept})"
+        return write_failures(what, self.run_dir, fix, cleanup)
+
     def check_finite(self, what: str) -> None:
         """Refuse to save or export weights with a NaN or inf (so the last finite checkpoint is kept)."""
         params = [*self.core.parameters(), *self.ema.shadow_params]
@@ -123,12 +141,13 @@ class Trainer:
         self.check_finite("checkpoint")
         final = ckpt.checkpoint_root(self.run_dir) / f"step-{self.state.step:06d}"
         tmp = final.with_name(f".tmp-{final.name}")
-        self.accelerator.save_state(str(tmp / "accelerate"))
-        self.accelerator.wait_for_everyone()  # every process's RNG state is in tmp before it moves
-        if self.accelerator.is_main_process:
-            ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
-            save_ema_state(tmp, self.ema)
-            ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, self.cfg.train.keep_checkpoints)
+        with self.write_guard(f"checkpoint {final}", partial=tmp):
+            self.accelerator.save_state(str(tmp / "accelerate"))
+            self.accelerator.wait_for_everyone()  # every process's RNG state is in tmp before it moves
+            if self.accelerator.is_main_process:
+                ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
+                save_ema_state(tmp, self.ema)
+                ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -206,6 +225,11 @@ class Trainer:
         return loss.detach()
 
     def fit(self) -> Path:
+        """Train to train.max_steps (or a stop signal); a full disk anywhere is one line (write_guard)."""
+        with self.write_guard(f"the run's files in {self.run_dir}"):
+            return self._fit()
+
+    def _fit(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -286,10 +310,11 @@ class Trainer:
         self.check_finite("final model")
         final = self.run_dir / "final"
         tmp = final.with_name(".tmp-final")
-        tmp.mkdir(parents=True, exist_ok=True)
-        ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
-        self.with_ema_weights(lambda core: self.task.export(core, tmp))
-        ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, keep=0)
+        with self.write_guard(f"the final model {final}", partial=tmp):
+            tmp.mkdir(parents=True, exist_ok=True)
+            ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
+            self.with_ema_weights(lambda core: self.task.export(core, tmp))
+            ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, keep=0)
 
 
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:

@@ -1,7 +1,9 @@
 """Mask files, input images and in-painting pictures.
 
 Mask convention: mask files (what users draw) are white = region to generate, black = keep, as in
-diffusers and most editors; `--invert-mask` flips a file drawn the other way. Internally a keep-mask
+diffusers and most editors; `--invert-mask` flips a file drawn the other way. Files are read by
+`data.common.read_image` (EXIF orientation applied to image and mask alike; 16-bit scaled); a mask's
+transparent pixels are black (keep): strokes painted opaque on a transparent layer are what counts. Internally a keep-mask
 (B, 1, H, W) holds 1 = known pixel, 0 = to generate, as in GLIDE.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from ...data.common import image_transform, read_image
+from ...data.common import image_transform, listdir, read_image, shown
 from ...errors import UserError
 
 ALMOST = 0.02  # warn when less than this fraction of the mask is black (or white)
@@ -64,8 +66,9 @@ def load_image_and_mask(image_path: str | Path, mask_path: str | Path, resolutio
     refused: resized and cropped on its own, its region would move against the image."""
     image, grey = read_image(image_path, what="--image"), read_image(mask_path, "L", "--mask")
     if image.size != grey.size:
-        raise UserError(f"--mask {mask_path} is {grey.size[0]}x{grey.size[1]} but --image {image_path} is "
-                        f"{image.size[0]}x{image.size[1]}: draw the mask at the image's size")
+        raise UserError(f"--mask {shown(mask_path)} is {grey.size[0]}x{grey.size[1]} but --image {shown(image_path)} is "
+                        f"{image.size[0]}x{image.size[1]} (as displayed, EXIF orientation applied): draw the mask "
+                        "at the image's size")
     return image_transform(resolution)(image).unsqueeze(0), mask_tensor(grey, resolution, invert)
 
 
@@ -88,15 +91,17 @@ def warn_coverage(keep: torch.Tensor) -> None:
 
 
 def load_image_folder(folder: str | Path, resolution: int, limit: int | None = None) -> tuple[torch.Tensor, list[Path]]:
-    """The first `limit` images of a folder (sorted by name), as (N, 3, R, R) in [-1, 1]."""
+    """The first `limit` images of a folder (sorted by name), as (N, 3, R, R) in [-1, 1]. A folder that
+    cannot be read is a UserError (listdir), as is any image in it that cannot (read_image)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)[:limit]
+        raise UserError(f"image folder not found: {shown(folder)}")
+    files = sorted(Path(e.path) for e in listdir(folder, "image folder")
+                   if Path(e.name).suffix.lower() in IMG_EXTENSIONS)[:limit]
     if not files:
-        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {folder}")
+        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {shown(folder)}")
     return torch.cat([load_image(f, resolution) for f in files]), files
 
 

@@ -1,0 +1,119 @@
+"""benchmarks/run_docs.py, the docs runner, on a toy repository: it runs each block's commands in order in a
+fresh copy, judges markers (skip, expect-error, save-as), console blocks and `pip install` lines, names a
+failing command, and fails when a command writes outside git-ignored places. (CI runs it on the real docs.)"""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import run_docs  # noqa: E402
+
+TOY = '''# toy
+
+```bash
+pip install nothing-at-all
+mkdir -p runs && echo one > runs/a.txt      # a comment
+GREETING="hello
+  there"
+test "$(cat runs/a.txt)" = one && echo $GREETING > runs/b.txt
+```
+
+<!-- docs-runner: skip: takes hours -->
+```bash
+exit 1
+```
+
+```python
+from pathlib import Path
+assert Path("runs/b.txt").read_text().split() == ["hello", "there"]
+```
+
+<!-- docs-runner: save-as: make_it.py -->
+```python
+print("saved, not run")
+```
+
+<!-- docs-runner: expect-error: no such thing -->
+```bash
+sh -c 'echo "error: no such thing (here)" >&2; exit 2'
+```
+
+```console
+$ sh -c 'echo "error: cannot reach the internet (no network); pass --offline" >&2; exit 2'
+error: cannot reach the internet (<urlopen error>); pass --offline
+```
+'''
+
+
+def toy_repo(tmp_path: Path, page: str) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".gitignore").write_text("runs/\n")
+    (repo / "README.md").write_text(page)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+def run(repo: Path, tmp_path: Path) -> tuple[list[run_docs.Result], str]:
+    out = io.StringIO()
+    results = run_docs.run_pages([repo / "README.md"], repo, tmp_path / "work", out=out)
+    return results, out.getvalue()
+
+
+def test_runs_blocks_in_order_and_judges_markers(tmp_path):
+    repo = toy_repo(tmp_path, TOY)
+    results, printed = run(repo, tmp_path)
+    statuses = [(r.command.where, r.status) for r in results]
+    assert statuses == [("README.md:4", "SKIP"), ("README.md:5", "PASS"), ("README.md:8", "PASS"),
+                        ("README.md:13", "SKIP"), ("README.md:17", "PASS"), ("README.md:23", "PASS"),
+                        ("README.md:28", "PASS"), ("README.md:32", "PASS"), ("git status", "PASS")], printed
+    assert "7 passed, 0 failed, 2 skipped" in printed
+    assert not (repo / "runs").exists() and (tmp_path / "work" / "repo" / "make_it.py").is_file()  # the copy, not the repo
+
+
+@pytest.mark.parametrize("broken, named", [
+    ("```bash\necho fine\nfalse_command_that_does_not_exist --flag\n```\n", "README.md:5"),
+    ("<!-- docs-runner: expect-error: the documented message -->\n```bash\necho 'error: another message' >&2; exit 2\n```\n",
+     "README.md:5"),
+    ("<!-- docs-runner: expect-error: works -->\n```bash\ntrue\n```\n", "README.md:5"),
+    ("```bash\necho stray > stray.txt\n```\n", "git status"),
+])
+def test_a_broken_command_fails_the_run_and_is_named(tmp_path, broken, named):
+    repo = toy_repo(tmp_path, "# toy\n\n" + broken)
+    results, printed = run(repo, tmp_path)
+    failed = [r.command.where for r in results if r.status == "FAIL"]
+    assert failed == [named], printed
+    assert "1 failed" in printed and f"failed: {named}" in printed
+
+
+def test_train_commands_get_the_tiny_override(tmp_path):
+    """The `python` on the runner's PATH appends TINY to `python train.py ...` (behind env and nice too) only."""
+    page = ("```bash\nmkdir -p runs\nOMP_NUM_THREADS=1 nice -n 5 python train.py c.yaml a=1 > runs/train.txt\n"
+            "python -c 'import sys; print(sys.argv[1:])' x > runs/other.txt\n```\n")
+    repo = toy_repo(tmp_path, "# toy\n\n" + page)
+    (repo / "train.py").write_text("import sys\nprint(' '.join(sys.argv[1:]))\n")
+    work = tmp_path / "work"
+    run_docs.run_pages([repo / "README.md"], repo, work, out=io.StringIO())
+    assert (work / "repo" / "runs" / "train.txt").read_text().split() == ["c.yaml", "a=1", *run_docs.TINY.split()]
+    assert (work / "repo" / "runs" / "other.txt").read_text().strip() == "['x']"
+
+
+def test_unknown_marker_is_refused(tmp_path):
+    repo = toy_repo(tmp_path, "<!-- docs-runner: sometimes -->\n```bash\ntrue\n```\n")
+    with pytest.raises(SystemExit, match="unknown docs-runner marker 'sometimes'"):
+        run_docs.page_commands(repo / "README.md", repo)
+
+
+def test_every_real_block_is_runnable_or_marked():
+    """The real pages parse into commands, and every marker the pages use is one the runner knows."""
+    commands = [c for page in run_docs.default_pages() for c in run_docs.page_commands(page, ROOT)]
+    kinds = {c.kind for c in commands}
+    assert len(commands) >= 80 and kinds <= {"run", "python", "skip", "expect-error", "server", "save-as"}
+    assert all(c.arg for c in commands if c.kind != "run" and c.kind != "python")  # every skip says why
