@@ -63,6 +63,21 @@ def test_sample_out_inside_a_checkpoint_is_refused(run, capsys, out):
     assert tree(run) == before
 
 
+@pytest.mark.parametrize("argv", [
+    ["fid", "--samples", "{run}", "--out", "{run}/final/fid.json"],
+    ["fid", "--samples", "{run}", "--sample-dir", "{run}/" + STEP4 + "/samples"],
+    ["shapes-accuracy", "--checkpoint", "{run}", "--json", "{run}/final/acc.json"],
+    ["upsample", "--checkpoint", "{run}", "--out", "{run}/checkpoints/up"],
+])
+def test_evaluation_outputs_inside_a_checkpoint_are_refused_before_anything_runs(run, capsys, argv):
+    from diffusion.evaluate.__main__ import main as evaluate_main
+
+    before = tree(run)
+    status, lines, _ = run_cli(evaluate_main, [a.format(run=run) for a in argv], capsys)
+    assert status == 2 and len(lines) == 1 and "would change its files" in lines[0], lines
+    assert tree(run) == before
+
+
 def test_sample_out_elsewhere_inside_a_run_is_allowed(run, capsys):
     status, lines, out = run_cli(sample_cli.main, ["--checkpoint", str(run), "--out", str(run / "eval_samples"),
                                                    "--class-label", "1", "--steps", "1"], capsys)

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..cli.args import Parser, add_trust_argument, apply_trust
 from ..cli.help_format import DefaultsHelpFormatter
 from ..errors import UserError, exit_on_user_error
+from ..io import check_output_path
 from ..threads import prefer_passive_waits, set_cpu_threads
 from . import COMMANDS
 
@@ -56,6 +57,18 @@ def parse(parser: argparse.ArgumentParser, module, argv: list[str]):
     return parser.parse_args(argv) if not getattr(module, "PASS_UNKNOWN", False) else parser.parse_known_args(argv)
 
 
+OUTPUT_OPTIONS = ("out", "json", "sample_dir")  # every evaluation's output files and folders
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output an evaluation writes goes through the one output-path check (diffusion.io), before
+    anything loads: not inside a checkpoint or a run's checkpoints/ or final/, not empty."""
+    for name in OUTPUT_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            check_output_path(value, "--" + name.replace("_", "-"))
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
@@ -67,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser, module = build_parser(argv[0])
     args = parse(parser, module, argv[1:])
-    apply_trust(args[0] if isinstance(args, tuple) else args)
+    namespace = args[0] if isinstance(args, tuple) else args
+    check_outputs(namespace)
+    apply_trust(namespace)
     set_cpu_threads()
     module.run(args)
 
