@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     prefer_passive_waits()  # before torch is imported (see diffusion/threads.py)
     args = build_parser().parse_intermixed_args(argv)
     apply_trust(args)
-    cfg = load_config(args.config, args.overrides)
+    from diffusion.checkpoints.diffusers_folder import fill_from_pretrained  # torch-free until a folder is read
+
+    cfg = load_config(args.config, args.overrides, prepare=fill_from_pretrained)
 
     from diffusion.training.preflight import preflight
 

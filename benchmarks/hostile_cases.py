@@ -516,3 +516,76 @@ CASES += ROUND3_DEMO_LIMITS
 from benchmarks.hostile_combinations import ROUND3_COMBINATIONS  # noqa: E402
 
 CASES += ROUND3_COMBINATIONS
+
+# -- issue #31: autoguidance guides that cannot pair, --unconditional where it makes no sense ------------------------
+from benchmarks.hostile_autoguide import AUTOGUIDE_CASES  # noqa: E402
+
+CASES += AUTOGUIDE_CASES
+
+# -- issue #31: evaluate fid's quality and variety metrics (precision, recall, density, coverage, class accuracy) ------
+def bad_head_extractor(env: Env, folder: Path) -> None:
+    """A TorchScript extractor whose `logits` returns a vector, not (N, classes)."""
+    import torch
+
+    class BadHead(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return images.float().mean(dim=(2, 3))
+
+        @torch.jit.export
+        def logits(self, images: torch.Tensor) -> torch.Tensor:
+            return images.float().mean(dim=(1, 2, 3))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(BadHead()).save(str(folder / "bad_head.pt"))
+
+
+ROUND4_QUALITY = [
+    *[Case("quality metrics", f"evaluate fid --prdc-reference-num {n}",
+           evaluate_argv(*EVALUATE_FID, "--prdc-reference-num", n), words)
+      for n, words in (("0", "--prdc-reference-num must be between 4 and 10000"),
+                       ("-1", "--prdc-reference-num must be between 4 and 10000"),
+                       ("3", "--prdc-reference-num must be between 4 and 10000"),
+                       ("10001", "--prdc-reference-num must be between 4 and 10000"),
+                       ("many", "--prdc-reference-num"))],
+    *[Case("quality metrics", f"evaluate fid --bootstrap-rounds {n}",
+           evaluate_argv(*EVALUATE_FID, "--bootstrap-rounds", n), words)
+      for n, words in (("0", "--bootstrap-rounds must be between 20 and 100000"),
+                       ("19", "--bootstrap-rounds must be between 20 and 100000"),
+                       ("100001", "--bootstrap-rounds must be between 20 and 100000"),
+                       ("1.5", "--bootstrap-rounds"))],
+    Case("quality metrics", "evaluate fid: an extractor whose logits() is not (N, classes)",
+         evaluate_argv(*EVALUATE_FID, "--feature-extractor", "{folder}/bad_head.pt", "--out", "{folder}/r.json",
+                       "--cache-dir", "{folder}/cache", "--workers", "0"),
+         "logits() returned", prepare=bad_head_extractor, quick=False),
+]
+CASES += ROUND4_QUALITY
+
+# -- issue #31 review: sampling without the x0 clip (sample.py --no-x0-clip, the pipeline's x0_clip) -------------
+from benchmarks.hostile_combinations import images_written, pipeline_argv  # noqa: E402
+
+
+def unclipped_meta(env: Env, folder: Path, result) -> str | None:
+    """The PNG says x0 was not clipped, so the image can be regenerated as drawn."""
+    from PIL import Image
+
+    text = Image.open(folder / "samples" / "sample_0000.png").text
+    return None if text.get("x0_clip") == "off" else f"sample_0000.png metadata lacks x0_clip=off: {text}"
+
+
+GUIDANCE_REVIEW_CASES = [
+    Case("guidance review", "--no-x0-clip --dynamic-threshold 99", sample_argv("--no-x0-clip", "--dynamic-threshold", "99"),
+         "--no-x0-clip and --dynamic-threshold both choose how x0 is processed"),
+    Case("guidance review", "--no-x0-clip=yes", sample_argv("--no-x0-clip=yes"), "--no-x0-clip"),
+    Case("guidance review", "--no-x0-clip (works)", sample_argv("--no-x0-clip", "--class-label", "1"), status=0,
+         words=None, check=unclipped_meta, quick=False),
+    Case("guidance review", "pipe(x0_clip='no')", pipeline_argv("dict(x0_clip='no')"), "x0_clip must be true or false",
+         quick=False),
+    Case("guidance review", "pipe(x0_clip=False) (works)", pipeline_argv("dict(x0_clip=False, class_labels=[1])"),
+         status=0, words=None, check=images_written(1), quick=False),
+]
+CASES += GUIDANCE_REVIEW_CASES
+
+# -- issue #32: post-hoc EMA reconstruction and its config keys (builders in hostile_posthoc_ema.py) ----------
+from benchmarks.hostile_posthoc_ema import POSTHOC_EMA_CASES  # noqa: E402
+
+CASES += POSTHOC_EMA_CASES

@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -80,6 +80,9 @@ class ModelConfig:
     scale_shift_norm: bool = True
     inpaint: bool = False
     upsample: bool = False  # a diffusion upsampler: 3 extra input channels (the upsampled low-res image)
+    # A pretrained diffusers UNet2DModel's config.json (JSON text; set from init_from): it, not the keys
+    # above, lays out the U-Net, with in_channels widened for in-painting channels.
+    unet_config: str = ""
     text: TextConfig = field(default_factory=TextConfig)
     # Classifier and CLIP tasks reuse base_channels/channel_mult/... for their encoders.
     pool: str = "attention"  # attention | mean (classifier head)
@@ -99,8 +102,21 @@ class DiffusionConfig:
 
     formulation: str = "ddpm"  # ddpm | edm
     num_train_timesteps: int = 1000  # ddpm
-    beta_schedule: str = "linear"  # ddpm: linear | cosine
-    prediction_type: str = "epsilon"  # ddpm: epsilon | v_prediction
+    beta_schedule: str = "linear"  # ddpm: linear | cosine | scaled_linear | sigmoid
+    prediction_type: str = "epsilon"  # ddpm: epsilon | v_prediction | sample (x0)
+    # ddpm, as in a diffusers scheduler config (docs/pretrained.md); the defaults are this project's runs.
+    beta_start: float = 0.0001  # linear, scaled_linear, sigmoid
+    beta_end: float = 0.02
+    trained_betas: list[float] = field(default_factory=list)  # explicit betas, one per timestep ([] = beta_schedule)
+    clip_sample: bool = True  # sampling clips the predicted x0 to +-clip_sample_range
+    clip_sample_range: float = 1.0
+    thresholding: bool = False  # Imagen's dynamic thresholding of x0 instead (diffusers' formula)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    variance_type: str = "fixed_small"  # the ddpm sampler: fixed_small (posterior) | fixed_large (beta_t) | *_log
+    timestep_spacing: str = "trailing"  # ddpm, ddim, dpmsolver timesteps: trailing | leading | linspace
+    steps_offset: int = 0  # added to leading timesteps
+    from_pretrained: str | None = None  # a diffusers pipeline folder or hub name: the keys above come from its scheduler
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5  # edm
@@ -132,6 +148,13 @@ class TrainConfig:
     allow_tf32: bool = True
     caption_word_drop: float = 0.0  # CLIP task: drop each caption word (not the first) with this probability
     loss_spike: float = 3.0  # stop when a logged loss exceeds this many times the lowest so far (0 = off)
+    keep_checkpoint_steps: list[int] = field(default_factory=list)  # never deleted by keep_checkpoints rotation
+    # Post-hoc EMA (EDM2): power-function EMAs of these relative widths, t in optimizer steps, with a snapshot
+    # every posthoc_ema_every steps in RUN/posthoc/snapshots (python -m diffusion.ema reconstruct; docs/training.md)
+    posthoc_ema: bool = False
+    posthoc_ema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    posthoc_ema_every: int = 500
+    posthoc_ema_fp16: bool = False  # store snapshots in float16 (half the disk; tracking stays float32)
 
 
 @dataclass
@@ -323,12 +346,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file (or the defaults), apply overrides, and validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Config:
+    """Load a YAML config file (or the defaults), apply overrides, and validate. `prepare` completes the
+    raw mapping first (train.py passes `checkpoints.diffusers_folder.fill_from_pretrained`, which fills
+    `diffusion:` and the U-Net from a pretrained diffusers folder; config stays below checkpoints)."""
     data: dict[str, Any] = {}
     if path is not None:
         data = read_yaml(path)
     data = apply_overrides(data, overrides or [])
+    if prepare is not None:
+        data = prepare(data)
     return validate(from_dict(Config, data))
 
 

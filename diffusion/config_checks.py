@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterator
 
+from .checkpoints.pretrained_checks import check_pretrained_settings
 from .config_readers import check_combinations
 from .errors import UserError, preview
 
@@ -20,8 +21,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.condition": ("none", "class", "text"),
     "model.pool": ("attention", "mean"),
     "diffusion.formulation": ("ddpm", "edm"),
-    "diffusion.beta_schedule": ("linear", "cosine"),
-    "diffusion.prediction_type": ("epsilon", "v_prediction"),
+    "diffusion.beta_schedule": ("linear", "cosine", "scaled_linear", "sigmoid"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "diffusion.variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
+    "diffusion.timestep_spacing": ("trailing", "leading", "linspace"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "sample.sampler": ("ddpm", "ddim", "dpmsolver", "heun", "euler"),
@@ -65,6 +68,10 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{key: _at_least(0) for key in ("sample.churn", "sample.churn_min")},
     **{key: _SEED for key in ("train.seed", "data.shapes_seed", "data.subset_seed")},
     "diffusion.num_train_timesteps": _between(1, MAX_TIMESTEPS),
+    **{key: ((lambda v: 0 < v < 1), "in (0, 1)") for key in ("diffusion.beta_start", "diffusion.beta_end")},
+    **{key: _POSITIVE for key in ("diffusion.clip_sample_range", "diffusion.sample_max_value")},
+    "diffusion.dynamic_thresholding_ratio": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "diffusion.steps_offset": _between(0, MAX_TIMESTEPS),
     **{key: _between(1, MAX_LAYERS) for key in ("model.layers_per_block", "model.text.layers", "model.vision.layers")},
     **{key: _between(1, MAX_WIDTH) for key in (
         "model.attention_head_dim", "model.embed_dim", "model.text.width", "model.text.heads", "model.vision.width",
@@ -212,6 +219,7 @@ def validate(cfg: Any) -> Any:
     check_unet(cfg)
     check_towers(cfg)
     check_sampling(cfg)
+    check_pretrained_settings(cfg)
     check_upsample_noise(cfg)
     if cfg.model.inpaint:
         check_inpaint(cfg.inpaint)

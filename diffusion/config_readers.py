@@ -102,6 +102,13 @@ READERS: dict[str, Row] = {
     # edm denoisers: the demo's step limit and the scaling FLOP count read it
     "diffusion.num_train_timesteps": when((DDPM,), (DENOISER,), strict=False),
     **rows("diffusion.beta_schedule diffusion.prediction_type", when((DDPM,), strict=False)),
+    # a diffusers scheduler's keys (docs/pretrained.md): the schedule, and how ddpm denoisers sample
+    **rows("diffusion.beta_start diffusion.beta_end diffusion.trained_betas diffusion.from_pretrained",
+           when((DDPM,), strict=False)),
+    **rows("diffusion.clip_sample diffusion.clip_sample_range diffusion.thresholding diffusion.dynamic_thresholding_ratio "
+           "diffusion.sample_max_value diffusion.variance_type diffusion.timestep_spacing diffusion.steps_offset",
+           when((DDPM, DENOISER), strict=False)),
+    "model.unet_config": when((DENOISER,)),
     # ddpm denoisers: the range of the Karras-sigma samplers (heun, euler)
     **rows("diffusion.sigma_min diffusion.sigma_max", when((EDM,), (DENOISER,))),
     "diffusion.sigma_data": when((EDM,)),
@@ -111,6 +118,10 @@ READERS: dict[str, Row] = {
            "train.sample_every train.checkpoint_every train.keep_checkpoints train.compile train.channels_last "
            "train.allow_tf32 train.loss_spike", ALL),
     "train.compile_backend": when((Is("train.compile", (True,)),)),
+    "train.keep_checkpoint_steps": ALL,
+    "train.posthoc_ema": ALL,
+    **rows("train.posthoc_ema_sigma_rels train.posthoc_ema_every train.posthoc_ema_fp16",
+           when((Is("train.posthoc_ema", (True,)),))),
     "train.ema_power": when((Is("train.ema_warmup", (True,)),)),  # diffusers' EMAModel reads it only in warm-up
     "train.caption_word_drop": when((CLIP,)),  # the denoiser's captions are dropped whole (model.cond_drop_prob)
     **rows("sample.sampler sample.steps sample.guidance_scale sample.rho sample.churn sample.churn_min "
@@ -189,3 +200,6 @@ def check_combinations(values: dict[str, Any], defaults: dict[str, Any]) -> None
     was checked alone)."""
     check_unread(values, defaults)
     check_pairs(values)
+    from .ema.settings import check_posthoc_settings  # torch-free
+
+    check_posthoc_settings(values)

@@ -43,9 +43,9 @@ from .errors import UserError, one_line, preview
 from .memory import check_sampling_memory
 from .sampling.guidance import ClassifierFreeGuidance
 from .sampling.images import to_pil
-from .sampling.loop import Trajectory, sample_loop
+from .sampling.loop import Guidance, Trajectory, sample_loop
 from .sampling.samplers import SIGMA_SAMPLERS, build_sampler, noise_from
-from .sampling.schedule import EDMSchedule, NoiseSchedule
+from .sampling.schedule import EDMSchedule, NoiseSchedule, default_x0_processor
 
 PIPELINE_CLASS = "GuidedDiffusionPipeline"
 
@@ -97,7 +97,33 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         config = self.scheduler.config
         if "sigma_data" in config:
             return EDMSchedule(config.sigma_data, config.sigma_min, config.sigma_max)
+        if getattr(self, "_plain_folder", False):  # a published DDPMPipeline...: its scheduler's spacing, clip, variance
+            from .checkpoints.diffusers_folder import settings_of_scheduler
+            from .sampling.schedule import SamplingRules
+
+            given = settings_of_scheduler(dict(config), type(self.scheduler).__name__, "the scheduler component")
+            rules = SamplingRules(**{k: given[k] for k in SamplingRules.__dataclass_fields__})
+            return NoiseSchedule(self.scheduler.alphas_cumprod, config.prediction_type, rules=rules)
         return NoiseSchedule(self.scheduler.alphas_cumprod, config.prediction_type)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Our runs' `final/`, or a plain diffusers pixel-space folder (DDPMPipeline, DDIMPipeline, PNDMPipeline;
+        a hub name is downloaded): those sample with their scheduler's timestep spacing, x0 clipping and
+        variance type, as diffusers' own pipeline does (docs/pretrained.md). Latent and conditional folders
+        are refused in one line."""
+        from .checkpoints import diffusers_folder as folders
+
+        source, plain = pretrained_model_name_or_path, False
+        if isinstance(source, (str, Path)) and (Path(source).exists() or folders.looks_like_hub_name(str(source))):
+            source = folders.resolve_source(source)
+            index = source / folders.MODEL_INDEX
+            if index.is_file() and folders.load_json(index, "pipeline index").get("_class_name") != PIPELINE_CLASS:
+                folders.read_index(source)  # refuses latent and conditional pipelines
+                plain = True
+        pipe = super().from_pretrained(source, **kwargs)
+        pipe._plain_folder = plain
+        return pipe
 
     @staticmethod
     def _generators(generator, seed: int | None, batch: int, device: torch.device) -> list[torch.Generator]:
@@ -114,12 +140,19 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     def __call__(self, class_labels=None, prompt: str | list[str] | None = None, guidance_scale: float = 3.0,
                  num_inference_steps: int = 25, batch_size: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, seed: int | None = None,
-                 sampler: str | None = None, output_type: str = "pil", return_dict: bool = True):
+                 sampler: str | None = None, output_type: str = "pil", return_dict: bool = True, autoguide=None,
+                 x0_clip: bool = True):
         """`seed=S`: sample i from a generator seeded S + i (`sample.py --seed S`); else `generator`,
         one per sample or shared. `sampler`: as `sample.py --sampler` (default ddim, heun for edm runs).
         `class_labels` (class runs) or `prompt` (caption runs): one image per entry; a single int or str is
         repeated `batch_size` times. A bad argument raises `BadValue` (a ValueError; `BadType`, also a
-        TypeError, for the wrong kind) naming it, checked as sample.py checks its flags (diffusion.cli.args)."""
+        TypeError, for the wrong kind) naming it, checked as sample.py checks its flags (diffusion.cli.args).
+        `autoguide`: a guide pipeline or its export folder (autoguidance, `sample.py --autoguide`): then
+        `guidance_scale` is its strength w, eps_guide + w (eps_main - eps_guide), with CFG off.
+        `x0_clip=False`: x0 is not clipped to [-1, 1] at each step (`sample.py --no-x0-clip`), as NVlabs'
+        edm_sampler samples."""
+        if not isinstance(x0_clip, bool):
+            raise BadType(f"x0_clip must be true or false, got {preview(x0_clip)}")
         schedule = self.schedule()
         call = self._arguments(schedule, class_labels, prompt, guidance_scale, num_inference_steps, batch_size,
                                generator, seed, sampler, output_type, return_dict)
@@ -131,8 +164,14 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             raise BadValue(f"generator: ddpm draws noise at every step, so give generators on {device} (or seed=)")
         noise = noise_from(generators, (3, size, size), generators[0].device).to(device, self.unet.dtype)
         schedule = schedule.to(device)
-        trajectory = Trajectory(schedule, build_sampler(schedule, call.sampler, call.steps), generators)
+        trajectory = Trajectory(schedule, build_sampler(schedule, call.sampler, call.steps), generators,
+                                Guidance(x0=default_x0_processor(schedule) if x0_clip else None))
         model_fn = ClassifierFreeGuidance(_UNetFn(self.unet), cond, uncond, call.scale)
+        if autoguide is not None:
+            from .pipeline_autoguide import guided, load_guide
+
+            guide = load_guide(self, autoguide, self.__dict__.setdefault("_autoguides", {}))
+            model_fn = guided(self, guide, _UNetFn, call.labels, call.prompts, batch, call.scale)
         bar = self.progress_bar(total=len(trajectory.sampler.steps))
         images = sample_loop(model_fn, trajectory, noise, lambda done, total: bar.update(1)).float().clamp(-1, 1)
         bar.close()
@@ -269,9 +308,10 @@ def export_scheduler(cfg: DiffusionConfig, train_scheduler: DDPMScheduler) -> Sc
 
 def write_model_index(final_dir: Path, has_text_encoder: bool, unet_class: str, scheduler_class: str = "DDPMScheduler") -> None:
     """`final/model_index.json`, so `GuidedDiffusionPipeline.from_pretrained(final_dir)` loads it.
-    The scheduler component is the saved training schedule (scheduler_config.json), read as a DDIMScheduler,
+    The scheduler component is the saved training schedule (scheduler_config.json), read as the DDPMScheduler
+    it is (so diffusers' own `DDPMPipeline.from_pretrained(final_dir)` samples as `sample.py --sampler ddpm`),
     or an edm run's EDMDPMSolverMultistepScheduler."""
-    sampler = scheduler_class if scheduler_class.startswith("EDM") else "DDIMScheduler"
+    sampler = scheduler_class
     index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version(),
              "unet": ["diffusers", unet_class], "scheduler": ["diffusers", sampler]}
     if has_text_encoder:

@@ -33,9 +33,10 @@ UP = ["data.resolution=16", "model.upsample=true", "upsample.factor=2"]  # 8 -> 
 
 
 def tiny_config(tmp: Path, *extra: str, config: str = "configs/shapes.yaml"):
+    from diffusion.checkpoints.diffusers_folder import fill_from_pretrained
     from diffusion.config import load_config
 
-    return load_config(ROOT / config, [*TINY, f"output_dir={tmp}", *extra])
+    return load_config(ROOT / config, [*TINY, f"output_dir={tmp}", *extra], prepare=fill_from_pretrained)
 
 
 @pytest.fixture(scope="session")

@@ -238,6 +238,10 @@ def check_module(module: str, argv: list[str]) -> None:
         from diffusion.demos.inpaint import build_parser
 
         parse_or_fail(build_parser(), argv)
+    elif module == "diffusion.ema":
+        from diffusion.ema.__main__ import build_parser
+
+        parse_or_fail(build_parser(), argv)
     else:
         pytest.fail(f"no parser known for python -m {module}: add it to tests/test_docs.py")
 

@@ -1,4 +1,6 @@
-"""Start a run from a trained checkpoint's EMA weights (`init_from: PATH` in the config).
+"""Start a run from a trained checkpoint's EMA weights (`init_from: PATH` in the config), or from a
+published diffusers pipeline folder's U-Net (a local folder or a hub name such as google/ddpm-cifar10-32:
+config loading fills the run's U-Net layout and diffusion settings from it, see diffusers_folder.py).
 
 Used to fine-tune an in-painting model or an upsampler from a base model, as GLIDE does: the
 U-Net's input convolution is widened for the extra channels (masked image + keep-mask, or the
@@ -14,6 +16,7 @@ import torch
 
 from ..config import Config
 from ..errors import UserError
+from . import diffusers_folder
 from . import store as ckpt
 from .settings import differences
 
@@ -22,7 +25,8 @@ NEW_MODULES = ("level_embedding.",)  # parameters a base may lack; they keep the
 # Settings the base and the new run must share for "step 0 = the base model" to hold; the weights'
 # shapes cannot show them (a U-Net runs at any resolution, under any schedule).
 MUST_MATCH = ("data.resolution", "diffusion.formulation", "diffusion.num_train_timesteps", "diffusion.beta_schedule",
-              "diffusion.prediction_type", "model.condition")
+              "diffusion.beta_start", "diffusion.beta_end", "diffusion.trained_betas", "diffusion.prediction_type",
+              "model.condition", "model.unet_config")
 
 
 def check_settings(base: Config, cfg: Config, path: str | Path) -> None:
@@ -52,10 +56,21 @@ def initialise_from(model: torch.nn.Module, path: str | Path, cfg: Config | None
     first parameters that do not fit, or (given the new run's `cfg`) the settings that differ from
     the base run's, since a silently partial or mismatched start would waste a training run.
     """
-    directory = ckpt.resolve_checkpoint(path)
-    if cfg is not None:
-        check_settings(ckpt.read_config(directory), cfg, path)
-    base = ckpt.read_weights(directory)
+    source = diffusers_folder.resolve_source(path)
+    if diffusers_folder.is_diffusers_folder(source):  # a published pipeline folder (docs/pretrained.md)
+        from .load import pretrained_weights
+
+        directory = source
+        if cfg is not None:
+            check_settings(diffusers_folder.folder_config(source), cfg, path)
+        base = pretrained_weights(source)
+        settings_file = source / diffusers_folder.MODEL_INDEX
+    else:
+        directory = ckpt.resolve_checkpoint(source)
+        if cfg is not None:
+            check_settings(ckpt.read_config(directory), cfg, path)
+        base = ckpt.read_weights(directory)
+        settings_file = directory / ckpt.CONFIG_FILE
     state = model.state_dict()
     added = [k for k in state if k.startswith(NEW_MODULES) and k not in base]
     base = {**base, **{k: state[k] for k in added}}
@@ -63,7 +78,7 @@ def initialise_from(model: torch.nn.Module, path: str | Path, cfg: Config | None
     if problem:
         raise UserError(
             f"init_from {path}: the checkpoint does not fit this model: {problem}. "
-            f"Use the base run's model, data.resolution and condition settings ({directory / ckpt.CONFIG_FILE}); "
+            f"Use the base run's model, data.resolution and condition settings ({settings_file}); "
             "only model.inpaint and model.upsample may differ"
         )
     widened = [k for k in state if base[k].shape != state[k].shape]

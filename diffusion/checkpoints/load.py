@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..models import build_model
 from ..sampling.schedule import Schedule, build_schedule
-from . import store
+from . import diffusers_folder, store
 
 
 @dataclass
@@ -28,8 +28,12 @@ class LoadedModel:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """The model of a checkpoint (or a run's newest one) in eval mode on `device`, weights checked
-    against the config they were saved with."""
-    directory = store.resolve_checkpoint(path)
+    against the config they were saved with; or of a diffusers pipeline folder or hub name
+    (`diffusers_folder`), as an unconditional denoiser with the folder's schedule."""
+    source = diffusers_folder.resolve_source(path)
+    if diffusers_folder.is_diffusers_folder(source):
+        return load_pretrained(source, device)
+    directory = store.resolve_checkpoint(source)
     cfg = store.read_config(directory)
     model = build_model(cfg)
     weights = store.read_weights(directory)
@@ -43,3 +47,33 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     model.load_state_dict(weights)
     model.eval().requires_grad_(False).to(device)
     return LoadedModel(cfg, model, build_schedule(cfg.diffusion).to(device), store.read_info(directory), directory)
+
+
+def pretrained_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The U-Net weights of a diffusers folder, as our Denoiser names them (`unet.`...), read by diffusers
+    itself (safetensors or .bin, old attention names converted)."""
+    from diffusers import UNet2DModel
+
+    unet_dir, _ = diffusers_folder.unet_config(folder)
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir)
+    except Exception as err:  # missing or damaged weight files, a config diffusers cannot build
+        raise UserError(f"cannot read the U-Net weights in {unet_dir}: {first_line(err)}") from None
+    return {f"unet.{k}": v.detach().float() for k, v in unet.state_dict().items()}
+
+
+def load_pretrained(folder: Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """A diffusers pipeline folder as a LoadedModel: the synthesised config (`folder_config`), the Denoiser
+    it builds (the folder's own U-Net layout) holding the folder's weights, and the folder's schedule."""
+    cfg = diffusers_folder.folder_config(folder)
+    model = build_model(cfg)
+    weights = pretrained_weights(folder)
+    problem = store.describe_mismatch(model.state_dict(), weights)
+    if problem:
+        raise UserError(f"the U-Net weights in {folder} do not fit its config.json: {problem}")
+    broken = [name for name, value in weights.items() if not torch.isfinite(value).all()]
+    if broken:
+        raise UserError(f"the U-Net weights in {folder} hold non-finite values ({broken[0]}): download it again")
+    model.load_state_dict(weights)
+    model.eval().requires_grad_(False).to(device)
+    return LoadedModel(cfg, model, build_schedule(cfg.diffusion).to(device), store.TrainState(), folder)

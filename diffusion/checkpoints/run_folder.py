@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 
 # What a training run writes into its folder (a folder holding only `.lock` or other files is free).
-RUN_ENTRIES = ("config.yaml", "metrics.csv", "checkpoints", "final", "samples", "tensorboard", "diagnostics")
+RUN_ENTRIES = ("config.yaml", "metrics.csv", "checkpoints", "final", "samples", "tensorboard", "diagnostics", "posthoc")
 STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -23,7 +23,8 @@ STEP = re.compile(r"^step-(\d+)$")
 # ema.safetensors or info.json): check_output_path keeps other runs' outputs out of them.
 RUN_MARKERS = ("checkpoints", "final", "metrics.csv", ".lock")
 CHECKPOINT_MARKERS = ("ema.safetensors", "info.json")
-SAVED = ("checkpoints", "final")  # a run's folders whose files are digest-checked (and .tmp-*/.old-* saves)
+SAVED = ("checkpoints", "final", "posthoc")  # a run's folders whose files are digest-checked (and .tmp-*/.old-*
+# saves); posthoc/: post-hoc EMA snapshots and reconstructions (diffusion.ema writes there itself)
 
 
 def is_run(path: Path) -> bool:

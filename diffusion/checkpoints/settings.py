@@ -16,7 +16,8 @@ MODEL_KEYS = ("task", "data.resolution", "model.condition", "model.num_classes",
               "model.scale_shift_norm", "model.inpaint", "model.upsample", "model.pool", "model.embed_dim",
               "model.text.width", "model.text.layers", "model.text.heads", "model.text.context_length",
               "model.vision.width", "model.vision.layers", "model.vision.head_width", "model.vision.patch_size",
-              "diffusion.num_train_timesteps", "diffusion.beta_schedule", "diffusion.prediction_type", "upsample.factor")
+              "diffusion.num_train_timesteps", "diffusion.beta_schedule", "diffusion.prediction_type", "upsample.factor",
+              "diffusion.beta_start", "diffusion.beta_end", "diffusion.trained_betas", "model.unet_config")
 # What the saved data position (epoch, batches into it) counts in: another value points elsewhere.
 DATA_POSITION_KEYS = ("data.name", "data.split", "data.shapes_size", "data.shapes_seed", "data.subset_size",
                       "data.subset_seed", "train.batch_size", "train.grad_accum")

@@ -32,6 +32,10 @@ CONFIG_FILE = "config.yaml"
 INFO_FILE = "info.json"
 EMA_STATE_FILE = "ema.json"
 DIGESTS = "sha256"  # info.json key: {file path relative to the checkpoint: hex digest}
+# Optional info.json entries beside TrainState's: a post-hoc EMA reconstruction's sigma_rel and snapshots
+# (diffusion.ema), read by whoever needs them and ignored by read_info.
+EXTRA_INFO = ("posthoc_ema",)
+POSTHOC_DIR = "posthoc"  # RUN/posthoc: snapshots/ (diffusion.training.phema) and reconstructions
 TEMPORARY = re.compile(r"^\.(tmp|old)-")  # folders a killed save leaves (see finish_checkpoint)
 
 
@@ -126,10 +130,12 @@ def file_digests(path: Path) -> dict[str, str]:
     return {name: sha256_file(path / name) for name in file_digests_names(path)}
 
 
-def write_info(path: Path, state: TrainState, digests: dict[str, str] | None = None) -> None:
-    """info.json: `state` and the sha256 of every other file (`digests`, computed here if not given)."""
+def write_info(path: Path, state: TrainState, digests: dict[str, str] | None = None,
+               extra: dict[str, Any] | None = None) -> None:
+    """info.json: `state`, the `extra` entries (EXTRA_INFO keys) and the sha256 of every other file
+    (`digests`, computed here if not given)."""
     digests = file_digests(path) if digests is None else digests
-    atomic_write_text(path / INFO_FILE, json.dumps({**state.__dict__, DIGESTS: digests}, indent=2))
+    atomic_write_text(path / INFO_FILE, json.dumps({**state.__dict__, **(extra or {}), DIGESTS: digests}, indent=2))
 
 
 def _read_info_json(path: Path) -> dict[str, Any]:
@@ -163,7 +169,8 @@ def read_info(path: Path) -> TrainState:
     if not (path / INFO_FILE).is_file() and _trusted:
         return TrainState()
     data = _read_info_json(path)
-    data.pop(DIGESTS, None)
+    for key in (DIGESTS, *EXTRA_INFO):
+        data.pop(key, None)
     try:
         state = TrainState(**data)
     except TypeError as err:
@@ -239,15 +246,23 @@ def read_weights(path: Path, check: bool = True) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read weights {path / EMA_FILE}: {err}") from None
 
 
-def finish_checkpoint(tmp: Path, final: Path, cfg: Config, state: TrainState, keep: int) -> None:
-    """Write config and info (with every file's sha256) into `tmp`, fsync it, move it into place
-    (replacing an old `final` atomically), and prune old checkpoints."""
+def finish_checkpoint(tmp: Path, final: Path, cfg: Config, state: TrainState, keep: int,
+                      extra: dict[str, Any] | None = None) -> None:
+    """Write config and info (with every file's sha256, and `extra` entries) into `tmp`, fsync it, move
+    it into place (replacing an old `final` atomically), and prune old checkpoints: all but the newest
+    `keep`, except the steps listed in train.keep_checkpoint_steps (e.g. an early autoguidance guide)."""
     save_config(cfg, tmp / CONFIG_FILE)
-    write_info(tmp, state, file_digests(tmp))
+    write_info(tmp, state, file_digests(tmp), extra)
     replace_dir(tmp, final)
     if keep > 0:
-        for old in list_checkpoints(final.parent.parent)[:-keep]:
+        for old in prunable(list_checkpoints(final.parent.parent), keep, cfg.train.keep_checkpoint_steps):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def prunable(checkpoints: list[Path], keep: int, kept_steps: list[int]) -> list[Path]:
+    """The checkpoints (oldest first) that rotation deletes: all but the newest `keep`, less the listed steps."""
+    listed = set(kept_steps)
+    return [p for p in checkpoints[:-keep] if int(STEP_DIR.match(p.name).group(1)) not in listed]
 
 
 def remove_crash_residue(run_dir: str | Path) -> list[Path]:
@@ -255,7 +270,8 @@ def remove_crash_residue(run_dir: str | Path) -> list[Path]:
     `.old-NAME` folder whose replacement never arrived, else delete it. Only while no other process
     writes the run (under its lock). Returns what was removed."""
     removed = []
-    for parent in (Path(run_dir), checkpoint_root(run_dir)):
+    for parent in (Path(run_dir), checkpoint_root(run_dir), Path(run_dir) / POSTHOC_DIR,
+                   Path(run_dir) / POSTHOC_DIR / "snapshots"):
         if not parent.is_dir():
             continue
         for path in sorted(parent.iterdir()):

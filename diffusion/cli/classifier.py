@@ -2,9 +2,12 @@
 
 The math is in `diffusion.conditioning.classifier`: eps - s * sqrt(1 - alpha_bar_t) * grad, then the
 guided x0 is clipped, so DDPM, DDIM and DPM-Solver++ all honour it alike; with the DDPM sampler
-`--guidance-form mean` applies the paper's posterior-mean shift mu + s * Sigma * grad instead. Works with unconditional
-denoisers (y from --class-label, or every class in turn) and on top of classifier-free guidance for
-class-conditional ones.
+`--guidance-form mean` applies the paper's posterior-mean shift mu + s * Sigma * grad instead, mu from the
+clipped x0 as in guided-diffusion. Works with unconditional denoisers (y from --class-label, or every
+class in turn) and on top of classifier-free guidance for class-conditional ones. A classifier trained
+with another schedule or formulation (ddpm on an edm denoiser and the reverse) reads each step at its
+own time of the same noise level; while it guides, churn raises no level above the highest it was
+trained at (`SamplingPlan.churn_ceiling`).
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ class ClassifierGuidanceFeature:
         group.add_argument("--classifier-scale", type=float, default=None,
                            help=f"classifier guidance scale s: 0 = unguided (default {DEFAULT_SCALE:g})")
         group.add_argument("--guidance-form", choices=FORMS, default="eps",
-                           help="how classifier/CLIP gradients enter: eps: eps - s*sqrt(1-alpha_bar)*grad (every sampler); "
-                                "mean: the DDPM posterior-mean shift mu + s*Sigma*grad (--sampler ddpm)")
+                           help="how classifier/CLIP gradients enter: eps: eps - s*sqrt(1-alpha_bar)*grad, then x0 "
+                                "clipped (every sampler); mean: guided-diffusion's condition_mean, mu + s*Sigma*grad "
+                                "with mu from the clipped x0 (--sampler ddpm)")
 
     def classifier(self, args: argparse.Namespace, loaded: LoadedModel) -> LoadedModel | None:
         """The classifier named by --classifier, loaded once and checked against the denoiser."""
@@ -82,12 +86,16 @@ class ClassifierGuidanceFeature:
         if classifier is None:
             return
         from ..conditioning.classifier import check_form, classifier_terms
+        from ..sampling.guidance import churn_ceiling
 
         scale = DEFAULT_SCALE if args.classifier_scale is None else args.classifier_scale
         if scale < 0:
             raise UserError(f"--classifier-scale must be >= 0 (0 = unguided), got {scale}")
         check_form(args.guidance_form, args.sampler or loaded.cfg.sample.sampler)
-        plan.terms.append(classifier_terms(classifier.model, scale, args.guidance_form, classifier.schedule))
+        plan.terms.append(classifier_terms(classifier.model, scale, args.guidance_form, classifier.schedule,
+                                           loaded.schedule))
+        if scale > 0:
+            plan.churn_ceiling = churn_ceiling(plan.churn_ceiling, classifier.schedule)
         settings = {"classifier": str(classifier.path), "classifier_scale": f"{scale:g}", "guidance_form": args.guidance_form}
         for item in plan.items:
             item.meta.update(settings)

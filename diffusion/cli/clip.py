@@ -6,7 +6,9 @@
 
 Both enter as a guidance term on epsilon (every sampler), or as the DDPM mean shift with
 --guidance-form mean (an option of the classifier feature). They work on unconditional and
-caption-conditioned denoisers, on top of classifier-free guidance.
+caption-conditioned denoisers, on top of classifier-free guidance. A noise-aware CLIP trained with
+another schedule or formulation reads each step at its own time of the same noise level, and while it
+guides, churn raises no level above the highest it was trained at (`SamplingPlan.churn_ceiling`).
 """
 from __future__ import annotations
 
@@ -101,6 +103,10 @@ class ClipGuidance:
             return guide.term(text, scale, form, [item.seed for item in items])
 
         plan.terms.append(make_term)
+        if scale > 0 and guide.schedule is not None:
+            from ..sampling.guidance import churn_ceiling
+
+            plan.churn_ceiling = churn_ceiling(plan.churn_ceiling, guide.schedule)
         for item in plan.items:
             item.meta.update({"clip": args.clip, "clip_scale": f"{scale:g}", "guidance_form": form})
 

@@ -7,7 +7,8 @@ prompt is only recorded (item.prompt, meta["prompt"]) for CLIP guidance (`--clip
 
 `--guidance-rescale`, `--dynamic-threshold` and `--guidance-interval` refine classifier-free
 guidance for any conditional model and any sampler (formulas in diffusion/sampling/guidance.py);
-`--guidance-interval` also limits classifier and CLIP gradient guidance.
+`--guidance-interval` also limits classifier and CLIP gradient guidance. `--no-x0-clip` leaves the
+predicted x0 unclipped (NVlabs' edm_sampler); the default clips it to [-1, 1].
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def cfg_options(args: argparse.Namespace, num_train_timesteps: int | None) -> CF
         if not 50.0 <= args.dynamic_threshold <= 100.0:
             raise UserError(f"--dynamic-threshold is a percentile in [50, 100] (Imagen uses 99.5), got {args.dynamic_threshold}")
         options.threshold = args.dynamic_threshold
+    if getattr(args, "no_x0_clip", False):
+        if options.threshold is not None:
+            raise UserError("--no-x0-clip and --dynamic-threshold both choose how x0 is processed: give one of them")
+        options.x0_clip = False
     if args.guidance_interval is not None:
         lo, hi = args.guidance_interval
         if num_train_timesteps is None and not 0 <= lo <= hi:
@@ -93,6 +98,9 @@ class TextPromptFeature:
                            help="CFG rescale (Lin et al. 2023): blend weight phi in [0, 1] toward the conditional x0's std")
         group.add_argument("--dynamic-threshold", type=float, default=None, metavar="P",
                            help="Imagen dynamic thresholding of the predicted x0 at percentile P (e.g. 99.5)")
+        group.add_argument("--no-x0-clip", action="store_true",
+                           help="leave the predicted x0 as the model gives it, as NVlabs' edm_sampler does (default: "
+                                "x0 clipped to [-1, 1] at every step, after guidance)")
         group.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                            help="apply guidance (CFG, --classifier, --clip) only at training timesteps LO <= t <= HI "
                                 "(edm models: sigma; Kynkaanniemi et al. 2024)")
@@ -130,6 +138,8 @@ class TextPromptFeature:
             settings["guidance_rescale"] = str(plan.cfg.rescale)
         if plan.cfg.threshold is not None:
             settings["dynamic_threshold"] = str(plan.cfg.threshold)
+        if not plan.cfg.x0_clip:
+            settings["x0_clip"] = "off"
         if plan.cfg.interval is not None:
             settings["guidance_interval"] = str(plan.cfg.interval)
         if args.negative_prompt is not None:

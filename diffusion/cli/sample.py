@@ -20,7 +20,7 @@ from ..choices import PRECISIONS, SAMPLERS
 from ..errors import UserError, exit_on_user_error
 from ..io import write_failures
 from ..threads import prefer_passive_waits, set_cpu_threads
-from . import classifier, clip, inpaint, prompts, upsample
+from . import autoguide, classifier, clip, inpaint, prompts, upsample
 from .args import (Parser, add_trust_argument, apply_trust, check_class_label, check_count, check_guidance_scale,
                    check_seed, check_steps)
 from .help_format import DefaultsHelpFormatter
@@ -81,8 +81,8 @@ class ClassLabel:
 
 def features() -> list[Feature]:
     """Every sample.py feature, in the order they run (see the module docstring)."""
-    return [ClassLabel(), prompts.TextPromptFeature(), classifier.ClassifierGuidanceFeature(), clip.ClipGuidance(),
-            inpaint.InpaintFeature(), upsample.UpsampleFeature()]
+    return [autoguide.Unconditional(), ClassLabel(), prompts.TextPromptFeature(), autoguide.AutoguideFeature(),
+            classifier.ClassifierGuidanceFeature(), clip.ClipGuidance(), inpaint.InpaintFeature(), upsample.UpsampleFeature()]
 
 
 def build_parser(feature_list: list[Feature]) -> argparse.ArgumentParser:
@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser(feature_list).parse_args(argv)
     apply_trust(args)
     check_args(args)
-    if not Path(args.checkpoint).exists():  # first, and before the slow imports (load_model would say the same)
+    from ..checkpoints.diffusers_folder import looks_like_hub_name  # torch-free
+
+    if not Path(args.checkpoint).exists() and not looks_like_hub_name(args.checkpoint):  # first, before the slow imports
         raise UserError(f"checkpoint not found: {args.checkpoint}")
     out, numbered_from = choose_out(args.out, args.checkpoint, args.overwrite)
     set_cpu_threads()

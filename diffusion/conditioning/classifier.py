@@ -2,8 +2,11 @@
 
 The gradient of log p(y | x_t, t) enters through the noise prediction (`sampling.guidance.shift_eps`):
 eps - s * sqrt(1 - ab) * g for every sampler, or the DDPM posterior-mean shift mu + s * Sigma * g with
-form "mean"; the guided x0 is then clipped like any other (see `sampling.guidance`). The classifier
-reads the very x_t and t the denoiser reads at that step.
+form "mean" (added after the x0 clip, as guided-diffusion's `condition_mean`); the guided x0 is
+clipped like any other (see `sampling.guidance`). The classifier reads the very x_t the denoiser
+reads at that step, at its own time of the same noise level: the same t when both were trained with
+one schedule, else mapped through sigma (`sampling.guidance.guide_time_map`), so a ddpm-trained
+classifier guides an edm denoiser and the reverse, as a noise-aware CLIP does.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from ..checkpoints.load import LoadedModel
 from ..choices import GUIDANCE_FORMS as FORMS
 from ..errors import UserError
-from ..sampling.guidance import GuidanceTerm, gradient_term
+from ..sampling.guidance import GuidanceTerm, gradient_term, guide_time_map
 from ..sampling.plan import SampleItem
 from ..sampling.schedule import Schedule
 
@@ -29,18 +32,11 @@ def check_form(form: str, sampler: str) -> None:
 
 
 def check_compatible(denoiser: LoadedModel, classifier: LoadedModel, where: str) -> None:
-    """Refuse a classifier trained for another schedule, resolution or set of classes."""
+    """Refuse a checkpoint that is not a classifier, or one trained at another resolution or for other
+    classes. Its schedule and formulation may differ: it is read at its own time of the denoiser's
+    noise level (`classifier_terms`)."""
     if classifier.cfg.task != "classifier":
         raise UserError(f"--classifier {where} is a {classifier.cfg.task} checkpoint; train one with task: classifier")
-    keys = ("formulation", "sigma_data") if denoiser.cfg.diffusion.formulation == "edm" else (
-        "formulation", "num_train_timesteps", "beta_schedule")
-    for key in keys:
-        mine, theirs = getattr(denoiser.cfg.diffusion, key), getattr(classifier.cfg.diffusion, key)
-        if mine != theirs:
-            raise UserError(
-                f"--classifier {where} was trained for diffusion.{key}={theirs} but the denoiser uses {mine}: "
-                f"retrain the classifier with diffusion.{key}={mine}"
-            )
     res, clf_res = denoiser.cfg.data.resolution, classifier.cfg.data.resolution
     if res != clf_res:
         raise UserError(f"--classifier {where} was trained at {clf_res}x{clf_res} but the denoiser makes "
@@ -56,9 +52,13 @@ def class_name(classifier: LoadedModel, label: int) -> str:
     return names[label] if label < len(names) else str(label)
 
 
-def classifier_terms(model: torch.nn.Module, scale: float, form: str = "eps", schedule: Schedule | None = None):
+def classifier_terms(model: torch.nn.Module, scale: float, form: str = "eps", schedule: Schedule | None = None,
+                     denoiser_schedule: Schedule | None = None):
     """A plan term factory: for a batch of items, the gradient term toward each item's `label`.
-    `schedule` (the classifier's, the same as the denoiser's) gives the network's input (edm: c_in x, c_noise)."""
+    `schedule` (the classifier's) gives the network's input (edm: c_in x, c_noise); the denoiser's
+    model time is mapped to it at equal noise level when `denoiser_schedule` (None: the same) differs."""
+    t_map = guide_time_map(denoiser_schedule, schedule) if schedule is not None and denoiser_schedule is not None \
+        else (lambda t: t)
 
     def make(items: Sequence[SampleItem]) -> GuidanceTerm:
         if any(item.label is None for item in items):
@@ -66,7 +66,7 @@ def classifier_terms(model: torch.nn.Module, scale: float, form: str = "eps", sc
         labels = torch.tensor([item.label for item in items], dtype=torch.long)
 
         def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in, t_in = (x, t) if schedule is None else schedule.network_input(x, t)
+            x_in, t_in = (x, t) if schedule is None else schedule.network_input(x, t_map(t))
             return model.log_prob(x_in, t_in, labels.to(x.device))
 
         return gradient_term(log_prob, scale, form)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..checkpoints.load import LoadedModel
 from ..errors import UserError, first_line
-from ..sampling.guidance import GuidanceTerm, StepInfo, gradient_term, shift_eps
-from ..sampling.schedule import Schedule, epsilon_to_x0, time_map
+from ..sampling.guidance import GuidanceTerm, StepInfo, gradient_term, guide_time_map, shift_eps
+from ..sampling.schedule import Schedule, epsilon_to_x0
 
 CUTOUT_SEED_OFFSET = 1_000_003  # cutout generators: seed + offset, separate from the sampling noise
 CUTOUT_MIN_SIZE = 0.5  # smallest cutout side, as a fraction of the image side
@@ -33,12 +33,12 @@ CUTOUT_MIN_SIZE = 0.5  # smallest cutout side, as a fraction of the image side
 
 class NoiseAwareGuide:
     """A NoisyCLIP run, scoring x_t at the CLIP time of the denoiser's noise level (the same t when both
-    were trained with the same schedule, as they should be; else mapped through sigma), read through
-    the CLIP's own formulation (edm: c_in x and c_noise)."""
+    were trained with the same schedule; else mapped through sigma, within the levels the CLIP was
+    trained at: `guide_time_map`), read through the CLIP's own formulation (edm: c_in x and c_noise)."""
 
     def __init__(self, loaded: LoadedModel, denoiser_schedule: Schedule):
         self.model, self.schedule = loaded.model, loaded.schedule
-        self.t_map = time_map(denoiser_schedule, loaded.schedule)
+        self.t_map = guide_time_map(denoiser_schedule, loaded.schedule)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
@@ -53,7 +53,10 @@ class NoiseAwareGuide:
 
 class CleanGuide:
     """A pretrained open_clip model: it scores clamp(x0, -1, 1), with optional random cutouts
-    (crops of x0, each resized to the CLIP input) averaged as CLIP-guided diffusion does."""
+    (crops of x0, each resized to the CLIP input) averaged as CLIP-guided diffusion does. It reads x0,
+    not x_t, so it sets no noise range (`schedule` None: no churn ceiling)."""
+
+    schedule = None
 
     def __init__(self, model: torch.nn.Module, tokenizer: Callable, cutouts: int = 0):
         self.model, self.tokenizer, self.cutouts = model, tokenizer, cutouts

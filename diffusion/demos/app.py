@@ -2,7 +2,8 @@
 
   pip install -e ".[demo]"
   python -m diffusion.demos.app --checkpoint runs/shapes [--inpaint-checkpoint runs/inpaint_shapes]
-      [--upsampler runs/upsample_shapes] [--classifier RUN] [--clip RUN] [--port 7860] [--host 127.0.0.1]
+      [--upsampler runs/upsample_shapes] [--classifier RUN] [--clip RUN] [--autoguide GUIDE ...] [--port 7860]
+      [--host 127.0.0.1]
 
 The runs are loaded once; requests are queued and run one at a time. Every result is a PNG with
 the metadata sample.py writes, next to the `python sample.py ...` command that reproduces it.
@@ -71,9 +72,11 @@ def whole(value, what: str, low: int = 0, high: int = 2**62) -> int:
 
 def request_from(info: B.ModelInfo, label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale,
                  clip_scale, rescale, threshold, lo, hi, method=None, jump_length=5, jump_n_sample=5,
-                 allow_any: bool = True) -> B.GenerateRequest:
+                 allow_any: bool = True, autoguide=None, guides=()) -> B.GenerateRequest:
     """A request from the page's (or the HTTP API's) raw values, each checked in limits.py: a value of the
-    wrong type or range is refused with a message naming the field."""
+    wrong type or range is refused with a message naming the field. `autoguide` must be "none" or one of
+    `guides`, the --autoguide runs the app was started with."""
+    guide = None if autoguide in (None, "", "none") else L.choice(autoguide, "the guide", ["none", *guides])
     steps = L.whole(steps, "steps", 1, info.num_train_timesteps)
     seed = L.whole(seed, "the seed")
     count = L.whole(count, "the number of images", 1, B.MAX_SAMPLES, blank=1)
@@ -96,7 +99,7 @@ def request_from(info: B.ModelInfo, label, prompt, negative, scale, sampler, ste
         dynamic_threshold=L.number(threshold, "the dynamic threshold", blank=None) or None,
         guidance_interval=None if lo is None else (lo, hi),
         inpaint_method=None if method is None else L.choice(method, "the in-painting method", list(B.INPAINT_METHODS)),
-        jump_length=jump_length, jump_n_sample=jump_n_sample,
+        jump_length=jump_length, jump_n_sample=jump_n_sample, autoguide=guide,
     )
 
 
@@ -126,7 +129,7 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                             value="" if not wants_prompt else None)
         negative = gr.Textbox(label="negative prompt", visible=info.condition == "text", elem_id=f"{prefix}-negative")
         scale = gr.Slider(0, 10, value=info.guidance_scale, step=0.5, label="guidance scale (0 unconditional, 1 conditional)",
-                          visible=info.condition != "none", elem_id=f"{prefix}-scale")
+                          visible=info.condition != "none" or bool(paths.autoguides), elem_id=f"{prefix}-scale")
         with gr.Row():
             sampler = gr.Dropdown(list(B.SAMPLERS), value=info.sampler, label="sampler", elem_id=f"{prefix}-sampler")
             steps = gr.Number(info.steps, precision=0, label=f"steps (1..{info.num_train_timesteps})", elem_id=f"{prefix}-steps")
@@ -144,9 +147,9 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
 
     @shown_errors
     def on_generate(label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale, clip_scale, rescale,
-                    threshold, lo, hi, progress=gr.Progress()):
+                    threshold, lo, hi, guide="none", progress=gr.Progress()):
         request = request_from(info, label, prompt, negative, scale, sampler, steps, seed, count, classifier_scale,
-                               clip_scale, rescale, threshold, lo, hi)
+                               clip_scale, rescale, threshold, lo, hi, autoguide=guide, guides=paths.autoguides)
         results = B.generate(models, request, lambda done, total: progress((done, total), desc="sampling", unit="steps"))
         try:  # the page gets copies in gradio's cache (deleted on delete_cache's schedule); the request folder goes now
             served = L.serve_copies(files, [r.path for r in results])
@@ -226,13 +229,18 @@ def build_app(models: B.Models, title: str = "diffusion demo"):
                     common, extra = condition_controls(info, "gen")
                     count = gr.Slider(1, B.MAX_SAMPLES, value=4, step=1, label="number of images (per class when cycling)",
                                       elem_id="gen-count")
+                    guide = gr.Dropdown(["none", *paths.autoguides], value="none", elem_id="gen-autoguide",
+                                        visible=bool(paths.autoguides),
+                                        label="autoguidance guide (the guidance scale is its strength; CFG off)")
                     go = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column():
                     gallery = gr.Gallery(label="results", columns=4, format="png", elem_id="gen-gallery")
                     files = gr.File(label="PNG downloads (with sample.py's metadata)", file_count="multiple",
                                     elem_id="gen-files")
                     command = gr.Textbox(label="reproduce with", lines=3, buttons=["copy"], elem_id="gen-command")
-            go.click(on_generate, [*common, count, *extra], [gallery, files, command], **SAMPLING)
+            # the guide joins the API's inputs only when guides were given, so the API without them is unchanged
+            go.click(on_generate, [*common, count, *extra, *([guide] if paths.autoguides else [])],
+                     [gallery, files, command], **SAMPLING)
 
         with gr.Tab("In-paint", elem_id="tab-inpaint"):
             with gr.Row():
@@ -304,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "your image, or the cascade from a generated one")
     parser.add_argument("--classifier", default=None, help="noise-aware classifier run for classifier guidance")
     parser.add_argument("--clip", default=None, help="noise-aware CLIP run (or open_clip:ARCH) for CLIP guidance")
+    parser.add_argument("--autoguide", action="append", default=None, metavar="GUIDE",
+                        help="a guide run for autoguidance (repeatable): the Generate tab offers these and none other")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         set_cpu_threads()
         import_gradio()
         models = B.load_models(B.DemoPaths(args.checkpoint, args.inpaint_checkpoint, args.upsampler, args.classifier,
-                                           args.clip, args.device))
+                                           args.clip, args.device, args.autoguide or []))
         launch(build_app(models), args.host, args.port)
     except B.UserError as err:
         print(f"error: {err}", file=sys.stderr)

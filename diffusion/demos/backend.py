@@ -48,6 +48,7 @@ class DemoPaths:
     classifier: str | None = None
     clip: str | None = None
     device: str | None = None
+    autoguides: list[str] = field(default_factory=list)  # guides given on the command line: the page's only choices
 
 
 @dataclass
@@ -114,6 +115,7 @@ class GenerateRequest:
     jump_n_sample: int = 5
     aug_level: float | None = None  # upscaling only: a fraction of the training timesteps in [0, 1] (edm: sigma)
     consistency: bool | None = None  # upscaling only: the low-res consistency projection (None: the config's)
+    autoguide: str | None = None  # one of DemoPaths.autoguides (the Generate tab's guide picker), None = off
 
 
 @dataclass
@@ -152,6 +154,10 @@ def load_models(paths: DemoPaths) -> Models:
     if paths.classifier or paths.clip:  # the features load and check them (and keep them) on first use
         prompt = "a" if paths.clip else ("" if getattr(base.model, "condition", "none") == "text" else None)
         _plan(models, base, _argv(models, base, GenerateRequest(prompt=prompt, steps=1)), Path(models.workdir))
+    for guide in paths.autoguides:  # loaded and checked against the base now, so a bad guide stops the start
+        prompt = "" if getattr(base.model, "condition", "none") == "text" else None
+        _plan(models, base, _argv(models, base, GenerateRequest(prompt=prompt, steps=1, autoguide=guide)),
+              Path(models.workdir))
     return models
 
 
@@ -184,6 +190,10 @@ def _argv(models: Models, loaded: LoadedModel, request: GenerateRequest, out: st
         argv.append("--consistency" if r.consistency else "--no-consistency")
     if r.guidance_interval is not None:
         argv += ["--guidance-interval", *(f"{v:g}" for v in r.guidance_interval)]
+    if r.autoguide is not None and not low_res and not image:
+        if r.autoguide not in p.autoguides:  # never a path a web user typed: only the command line's guides
+            raise UserError(f"the guide {r.autoguide!r} is not one of the guides this demo was started with (--autoguide)")
+        argv += ["--autoguide", r.autoguide]
     return [*argv, "--out", out] if out else argv  # the shown command: sample.py picks a fresh samples/RUN[-N]
 
 

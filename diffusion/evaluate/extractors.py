@@ -47,6 +47,7 @@ class Extractor:
     name: str  # for people: what produced the features
     key: str  # for the cache: weights fingerprint and preprocessing
     device: torch.device
+    has_head: bool = False  # a `logits(images)` method: the classifier's head, for class accuracy
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,17 @@ class Extractor:
             raise UserError(f"feature extractor {self.name} returned {shape} for {tuple(images.shape)} images; "
                             "it must return (N, D) features")
         return features.detach().double().cpu()
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float (N, classes) on the CPU: the module's head; only when `has_head`."""
+        with full_fp32():
+            logits = self.module.logits(images.to(self.device))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise UserError(f"feature extractor {self.name}'s logits() returned {shape} for {tuple(images.shape)} "
+                            "images; it must return (N, classes)")
+        return logits.detach().float().cpu()
 
 
 def file_digest(path: Path, length: int = 16) -> str:
@@ -150,7 +162,8 @@ def torchscript(path: str, device: torch.device) -> Extractor:
         first = first_line(cause).split(". This is an internal miniz error")[0]  # the rest is advice for checkpoints
         raise UserError(f"--feature-extractor {path} is neither a TorchScript module (torch.jit.save) "
                         f"nor an exported program (.pt2, torch.export.save): {first}") from None
-    return Extractor(module, f"torchscript {file.name}", f"torchscript:sha256:{file_digest(file)}", device)
+    return Extractor(module, f"torchscript {file.name}", f"torchscript:sha256:{file_digest(file)}", device,
+                     has_head=callable(getattr(module, "logits", None)))
 
 
 def build_extractor(feature_extractor: str | None, inception_weights: str | None, resize: str,

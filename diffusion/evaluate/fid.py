@@ -11,6 +11,12 @@ and scored as uint8 too; their statistics are cached per dataset, split, resolut
 feature extractor. Features come from torchmetrics' FID Inception-v3 (torch-fidelity's port of the
 TF network, pool3, TF1-style resize to 299) or from any TorchScript module given as
 --feature-extractor. Any other sample.py option (--prompt, --classifier ...) passes through.
+
+Beside FID and KID, in the same feature space: precision and recall (Kynkäänniemi et al. 2019),
+density and coverage (Naeem et al. 2020), k = 3, on at most 10,000 samples against at most
+--prdc-reference-num reference features (the seeded rows the cache keeps), and, when the extractor
+has a classification head (`logits`) and the samples carry their class (PNG "label"), the head's
+accuracy on the asked class. Every figure gets a 95% interval (diffusion/evaluate/quality.py).
 """
 from __future__ import annotations
 
@@ -37,11 +43,14 @@ from ..io import atomic_write_text
 from ..sampling.images import png_text, save_png
 from ..sampling.plan import SampleItem, run_plan
 from .extractors import RESIZES, build_extractor
-from .feature_stats import KID_SUBSET_SIZE, KID_SUBSETS, accumulate, scores
+from .feature_stats import KID_MAX, KID_SUBSET_SIZE, KID_SUBSETS, FeatureStats, accumulate, scores
+from .quality import BOOTSTRAP_ROUNDS, NEAREST_K, fid_interval, prdc, wilson_interval
 from .reference import default_cache_dir, reference_config, reference_stats
 
 PASS_UNKNOWN = True
 SKIPPED_NAMES = ("grid.png",)  # sample.py's overview grid is not a sample
+FID_INTERVAL_MAX_DIM = 512  # FID's bootstrap: one D x D eigen-decomposition per round (cheap at 128-d, not 2048)
+NO_HEAD = "n/a (extractor has no classification head)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data-loading workers for the reference")
     parser.add_argument("--kid-subsets", type=int, default=KID_SUBSETS)
     parser.add_argument("--kid-subset-size", type=int, default=KID_SUBSET_SIZE)
+    parser.add_argument("--prdc-reference-num", type=int, default=None,
+                        help=f"reference features for precision/recall/density/coverage, a seeded subset of the "
+                             f"at most {KID_MAX} the cache keeps; default: as many as samples (the papers' equal "
+                             "sets: recall and coverage fall when the reference outnumbers the samples)")
+    parser.add_argument("--bootstrap-rounds", type=int, default=BOOTSTRAP_ROUNDS,
+                        help="resamples of the samples for the 95%% intervals")
 
 
 def image_files(directory: Path) -> list[Path]:
@@ -190,11 +205,91 @@ def is_image_dir(path: Path) -> bool:
     return path.is_dir() and any(True for _ in image_files(path))
 
 
+def sample_label(path: Path) -> int | None:
+    """The class a sample was asked for: its PNG "label" text (sample.py writes it), or None."""
+    text = image_header(path)[1].get("label")
+    return int(text) if text is not None and text.strip().isdigit() else None
+
+
+def class_accuracy(labels: list[int | None], predicted: list[torch.Tensor], classes: int) -> dict:
+    """The head's accuracy on the asked class over the labelled samples, with Wilson's 95% interval."""
+    known = [(i, label) for i, label in enumerate(labels) if label is not None]
+    if not known:
+        return {"class_accuracy_note": "n/a (the samples carry no class label)"}
+    highest = max(label for _, label in known)
+    if highest >= classes:
+        return {"class_accuracy_note": f"n/a (the samples ask for class {highest}; the extractor's head has "
+                                       f"{classes} classes)"}
+    guesses = torch.cat(predicted)
+    correct = sum(int(guesses[i]) == label for i, label in known)
+    accuracy = wilson_interval(correct, len(known))
+    return {"class_accuracy": accuracy.value, "class_accuracy_ci95": [accuracy.lo, accuracy.hi],
+            "class_accuracy_n": len(known),
+            "class_accuracy_note": f"the extractor's head on the asked class; Wilson 95%, {len(known)} labelled samples"}
+
+
+def reference_rows(stats: FeatureStats, limit: int, seed: int = 0) -> torch.Tensor:
+    """At most `limit` of the reference feature rows the cache keeps, a seeded subset."""
+    rows = stats.kid
+    if len(rows) <= limit:
+        return rows
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit].sort().values]
+
+
+def moments(stats: FeatureStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (n - 1) of a set from its feature sum and outer-product sum."""
+    mean = stats.total.double() / stats.count
+    return mean, (stats.outer.double() - stats.count * torch.outer(mean, mean)) / (stats.count - 1)
+
+
+def quality(ref: FeatureStats, fake: FeatureStats, fid: float, args: argparse.Namespace) -> dict:
+    """Precision, recall, density, coverage and FID's interval, each as `NAME` and `NAME_ci95` [lo, hi]."""
+    real = reference_rows(ref, args.prdc_reference_num or len(fake.kid))
+    out: dict = {"prdc": {"k": NEAREST_K, "n_samples": len(fake.kid), "n_reference": len(real),
+                          "bootstrap_rounds": args.bootstrap_rounds, "seed": 0,
+                          "interval": "bootstrap over samples, reference and k-NN radii fixed, 2.5-97.5 percentile "
+                                      "spread around the point estimate"}}
+    if min(len(real), len(fake.kid)) < NEAREST_K + 1:
+        out["prdc"]["note"] = f"n/a (k={NEAREST_K} needs at least {NEAREST_K + 1} samples and reference images)"
+    else:
+        for name, interval in prdc(real, fake.kid, NEAREST_K, args.bootstrap_rounds).items():
+            out[name], out[f"{name}_ci95"] = interval.value, [interval.lo, interval.hi]
+    if ref.dim > FID_INTERVAL_MAX_DIM:
+        out["fid_ci95_note"] = f"not computed for {ref.dim}-d features (one {ref.dim}-d eigen-decomposition per round)"
+    else:
+        interval = fid_interval(*moments(ref), fake.kid, fid, args.bootstrap_rounds)
+        out["fid_ci95"] = [interval.lo, interval.hi]
+        out["fid_ci95_note"] = (f"bootstrap over {len(fake.kid)} sample features, reference statistics fixed, "
+                                "2.5-97.5 percentile spread around the point estimate")
+    return out
+
+
+def shown(report: dict, name: str, digits: int = 3) -> str:
+    """`value [lo, hi]` of a metric in the report, or n/a."""
+    if report.get(name) is None:
+        return "n/a"
+    lo, hi = report.get(f"{name}_ci95") or (None, None)
+    interval = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else ""
+    return f"{report[name]:.{digits}f}{interval}"
+
+
 def print_report(report: dict) -> None:
-    s, r = report["samples"], report["reference"]
+    s, r, q = report["samples"], report["reference"], report["prdc"]
     setting = f"{s['sampler']}, {s['steps']} steps, guidance {s['guidance_scale']}" if s.get("sampler") else "settings unknown"
-    print(f"FID {report['fid']:.4f}   KID {report['kid_mean']:.6f} ± {report['kid_std']:.6f} "
-          f"({report['kid_subsets']} subsets of {report['kid_subset_size']})")
+    fid_note = "" if report.get("fid_ci95") else f"; FID interval: {report['fid_ci95_note']}"
+    print(f"FID {shown(report, 'fid', 4)}   KID {report['kid_mean']:.6f} ± {report['kid_std']:.6f} "
+          f"({report['kid_subsets']} subsets of {report['kid_subset_size']}){fid_note}")
+    if q.get("note"):
+        print(f"precision, recall, density, coverage: {q['note']}")
+    else:
+        print(f"precision {shown(report, 'precision')}   recall {shown(report, 'recall')}   "
+              f"density {shown(report, 'density')}   coverage {shown(report, 'coverage')}")
+        print(f"  (k={q['k']}, {q['n_samples']} samples against {q['n_reference']} reference features; "
+              f"95% bootstrap over samples, {q['bootstrap_rounds']} rounds)")
+    if report.get("class_accuracy") is None:
+        print(f"class accuracy: {report['class_accuracy_note']}")
+    else:
+        print(f"class accuracy {shown(report, 'class_accuracy')} ({report['class_accuracy_note']})")
     print(f"n={report['n']} samples ({setting}) against {r['n']} images of {r['reference']} at {r['resolution']}px; "
           f"features: {report['feature_extractor']['name']}")
 
@@ -203,9 +298,20 @@ def run(parsed: tuple[argparse.Namespace, list[str]]) -> dict:
     args, rest = parsed
     if args.num_samples < 2 or args.batch_size <= 0:
         raise UserError("--num-samples must be at least 2 and --batch-size positive")
+    if args.prdc_reference_num is not None and not NEAREST_K + 1 <= args.prdc_reference_num <= KID_MAX:
+        raise UserError(f"--prdc-reference-num must be between {NEAREST_K + 1} and {KID_MAX} (the reference features "
+                        f"the cache keeps), got {args.prdc_reference_num}")
+    if not 20 <= args.bootstrap_rounds <= 100_000:
+        raise UserError(f"--bootstrap-rounds must be between 20 and 100000 (a 95% interval needs its 2.5% tails), "
+                        f"got {args.bootstrap_rounds}")
     device = pick_device(args.device)
     if not Path(args.samples).exists():
-        raise UserError(f"--samples {args.samples} not found: give a directory of images or a run/checkpoint directory")
+        from ..checkpoints.diffusers_folder import download, looks_like_hub_name
+
+        if not looks_like_hub_name(args.samples):
+            raise UserError(f"--samples {args.samples} not found: give a directory of images or a run/checkpoint "
+                            "directory")
+        args.samples = str(download(args.samples))  # a published diffusers model (docs/pretrained.md)
     extractor = build_extractor(args.feature_extractor, args.inception_weights, args.inception_resize, device)
     if is_image_dir(Path(args.samples)):
         if rest:
@@ -219,8 +325,24 @@ def run(parsed: tuple[argparse.Namespace, list[str]]) -> dict:
     ref, ref_info = reference_stats(data, args.reference_num, extractor, cache_dir, args.batch_size, args.workers)
     batches = tqdm(image_batches(paths, args.batch_size), total=-(-len(paths) // args.batch_size),
                    desc="sample features", leave=False)
-    fake = accumulate((extractor(images) for images in batches), len(paths))
+    predicted: list[torch.Tensor] = []  # the head's classes, batch by batch, beside the features
+    classes = [0]
+
+    def features_of(batch_iter: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for images in batch_iter:
+            if extractor.has_head:
+                logits = extractor.logits(images)
+                predicted.append(logits.argmax(dim=1))
+                classes[0] = logits.shape[1]
+            yield extractor(images)
+
+    fake = accumulate(features_of(batches), len(paths))
     result = scores(ref, fake, args.kid_subsets, args.kid_subset_size)
+    result.update(quality(ref, fake, result["fid"], args))
+    if extractor.has_head:
+        result.update(class_accuracy([sample_label(path) for path in paths], predicted, classes[0]))
+    else:
+        result["class_accuracy_note"] = NO_HEAD
     report = {"n": len(paths), **result, "sampler": info.get("sampler"), "steps": info.get("steps"),
               "guidance_scale": info.get("guidance_scale"), "reference": ref_info,
               "feature_extractor": {"name": extractor.name, "key": extractor.key, "dim": ref.dim},

@@ -30,11 +30,13 @@ from .clean_classifier import SmallConvNet, predict, train_classifier
 
 
 class FeatureExtractor(nn.Module):
-    """uint8 (N, 3, H, W) -> (N, D) penultimate features of a trained `SmallConvNet`."""
+    """uint8 (N, 3, H, W) -> (N, D) penultimate features of a trained `SmallConvNet`; `logits` keeps
+    its classification head, so class-conditional samples can be scored by the class they were asked for."""
 
     def __init__(self, net: SmallConvNet, resolution: int):
         super().__init__()
         self.body = net.body
+        self.head = net.head
         self.resolution = resolution
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -43,6 +45,11 @@ class FeatureExtractor(nn.Module):
             x = F.interpolate(x, size=[self.resolution, self.resolution], mode="bilinear", align_corners=False,
                               antialias=True)
         return self.body(x)
+
+    @torch.jit.export
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, classes): the trained head on the same features."""
+        return self.head(self.forward(images))
 
 
 def load_split(data: DataConfig, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

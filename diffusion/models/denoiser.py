@@ -108,6 +108,12 @@ class Denoiser(nn.Module):
                 projection_class_embeddings_input_dim=cfg.text.width,
                 **cross_attention_kwargs(cfg, resolution),
             )
+        elif cfg.unet_config:  # a pretrained diffusers U-Net's own layout (init_from a diffusers folder)
+            from ..checkpoints.pretrained_checks import parse_unet_config
+
+            config = {k: v for k, v in parse_unet_config(cfg.unet_config).items() if not k.startswith("_")}
+            self.unet = UNet2DModel.from_config({**config, "sample_size": resolution,
+                                                 "in_channels": 3 + self.extra_channels, "out_channels": 3})
         else:
             self.unet = UNet2DModel(
                 sample_size=resolution,

@@ -4,7 +4,10 @@ At every step the loop (`loop.py`) runs, in this order:
   1. the model function: eps at (x_t, t); classifier-free guidance lives here (two forward passes);
   2. guidance terms `term(eps, info) -> eps` in order: gradient guidance (classifier, CLIP);
   3. x0 processing: the guided x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) is clipped to [-1, 1] or
-     dynamically thresholded, and eps is re-derived from it. The guided x0 estimates E[x0 | x_t, y],
+     dynamically thresholded (or left alone: `CFGOptions.x0_clip = False`, NVlabs' edm_sampler), and
+     eps is re-derived from it; then any DDPM posterior-mean shift of the "mean" form is added to the
+     x0 the update receives, after the clip, as guided-diffusion's `condition_mean` adds it to the
+     mean computed from the clipped x0 (`process_x0`). The guided x0 estimates E[x0 | x_t, y],
      which lies in the data's range like any clean image, so the bound is right for guided and
      unguided predictions alike. It is what keeps gradient guidance sane at high noise: there the
      eps-form shift moves x0 by s * (1 - ab) / sqrt(ab) * g (2e4 * s * g at t = 999 of the cosine
@@ -24,7 +27,7 @@ from typing import Callable, Protocol
 import torch
 
 from .samplers import Step
-from .schedule import Schedule, epsilon_to_x0, x0_to_epsilon
+from .schedule import Schedule, epsilon_to_x0, same_times, x0_to_epsilon
 
 
 @dataclass
@@ -38,6 +41,7 @@ class StepInfo:
     alpha_bar_next: torch.Tensor  # (B, 1, 1, 1) at t_next (1 for the clean image)
     schedule: Schedule
     generators: list[torch.Generator] = field(default_factory=list)
+    mean_shift: torch.Tensor | None = None  # s * g of "mean"-form gradient terms, applied by `process_x0`
 
 
 class GuidanceTerm(Protocol):
@@ -67,10 +71,23 @@ def dynamic_threshold(percentile: float) -> X0Processor:
 
 
 def process_x0(eps: torch.Tensor, info: StepInfo, processor: X0Processor | None) -> torch.Tensor:
-    """eps re-derived from the processed x0 (unchanged when there is no processor)."""
-    if processor is None:
+    """eps re-derived from the processed x0, plus the posterior-mean shift of "mean"-form terms
+    (unchanged when there is neither).
+
+    The DDPM posterior mean is mu = A x0 + B x_t with A = sqrt(ab_next) beta / (1 - ab), so handing the
+    update x0 + Sigma s g / A = x0 + (1 - ab_next) / sqrt(ab_next) * s g moves mu by exactly Sigma s g:
+    guided-diffusion's `condition_mean` (mu from the clipped x0, then + s Sigma g), not undone by the clip.
+    Sigma is the DDPM sampler's variance: the posterior's, or beta for a scheduler whose variance_type is
+    fixed_large (`SamplingRules.large_variance`), where Sigma / A = (1 - ab) / sqrt(ab_next).
+    """
+    if processor is None and info.mean_shift is None:
         return eps
-    x0 = processor(epsilon_to_x0(eps, info.x, info.alpha_bar))
+    x0 = epsilon_to_x0(eps, info.x, info.alpha_bar)
+    if processor is not None:
+        x0 = processor(x0)
+    if info.mean_shift is not None:
+        large = getattr(getattr(info.schedule, "rules", None), "large_variance", False)
+        x0 = x0 + (1 - (info.alpha_bar if large else info.alpha_bar_next)) / info.alpha_bar_next.sqrt() * info.mean_shift
     return x0_to_epsilon(x0, info.x, info.alpha_bar)
 
 
@@ -105,15 +122,21 @@ class CFGOptions:
       and distribution quality"). Model time is the training timestep for ddpm models and sigma (as
       in the paper) for edm models. The same interval limits gradient guidance (classifier, CLIP):
       see `within_interval`;
-    - `threshold` P: Imagen's dynamic thresholding of x0 at percentile P instead of clipping.
+    - `threshold` P: Imagen's dynamic thresholding of x0 at percentile P instead of clipping;
+    - `x0_clip` False: x0 neither clipped nor thresholded (`--no-x0-clip`), as NVlabs' edm_sampler and
+      k-diffusion sample; the default clips.
     """
 
     rescale: float = 0.0
     interval: tuple[float, float] | None = None
     threshold: float | None = None
+    x0_clip: bool = True
 
-    def x0_processor(self) -> X0Processor:
-        return clip_x0 if self.threshold is None else dynamic_threshold(self.threshold)
+    def x0_processor(self) -> X0Processor | None:
+        """The loop's x0 processing: dynamic thresholding, the clip to [-1, 1], or None (x0 as predicted)."""
+        if self.threshold is not None:
+            return dynamic_threshold(self.threshold)
+        return clip_x0 if self.x0_clip else None
 
 
 @dataclass
@@ -157,7 +180,8 @@ class ClassifierFreeGuidance:
 
 
 def posterior_mean_coefficient(info: StepInfo) -> torch.Tensor:
-    """c such that eps - c * g shifts the DDPM posterior mean by Sigma * g (Dhariwal & Nichol's form).
+    """c such that eps - c * g shifts the DDPM posterior mean by Sigma * g (Dhariwal & Nichol's form)
+    where x0 is not clipped (the "mean" form itself adds the shift after the clip: `process_x0`).
 
     mu = (sqrt(ab_next) beta x0 + sqrt(alpha) (1 - ab_next) x) / (1 - ab) with alpha = ab / ab_next,
     beta = 1 - alpha and Sigma = beta (1 - ab_next) / (1 - ab), so mu + Sigma g is reached by
@@ -171,11 +195,15 @@ def shift_eps(eps: torch.Tensor, grad: torch.Tensor, scale: float, form: str, in
     """eps moved along a gradient g of log p(y | x_t) so that the sampler's update carries s * g.
 
     form "eps": eps - s * sqrt(1 - ab) * g, i.e. the score shifted by s * g; every sampler honours it
-    (the x0 the sampler receives moves by s * (1 - ab) / sqrt(ab) * g).
-    form "mean": the DDPM posterior mean shifted by s * Sigma * g (DDPM sampler only).
+    (the x0 the sampler receives moves by s * (1 - ab) / sqrt(ab) * g, then is clipped).
+    form "mean": the DDPM posterior mean shifted by s * Sigma * g after the clip, as guided-diffusion's
+    `condition_mean` (DDPM sampler only): eps is returned as it is and s * g is kept in
+    `info.mean_shift` for `process_x0`.
     """
     if form == "mean":
-        return eps - scale * posterior_mean_coefficient(info) * grad
+        shift = scale * grad
+        info.mean_shift = shift if info.mean_shift is None else info.mean_shift + shift
+        return eps
     return eps - scale * (1 - info.alpha_bar).sqrt() * grad
 
 
@@ -205,3 +233,34 @@ def gradient_term(log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         return shift_eps(eps, grad, scale, form, info)
 
     return term
+
+
+def guide_sigma_range(schedule: Schedule) -> tuple[float, float]:
+    """The noise levels (sigma) a guide (classifier, CLIP) was trained at: a ddpm guide's timesteps
+    0 .. T-1, an edm guide's log-uniform levels over its sigma_min .. sigma_max (`guide_sigmas`)."""
+    if schedule.formulation == "edm":
+        return tuple(float(s) for s in schedule.sampling_range)
+    return schedule.sigma_limits()
+
+
+def guide_time_map(denoiser: Schedule, guide: Schedule) -> Callable[[torch.Tensor], torch.Tensor]:
+    """t -> the guide's model time of the same noise level, for a guide trained with any schedule or
+    formulation: the identity when t means the same level to both; else sigma(t) of the denoiser, held
+    inside the levels the guide was trained at (`guide_sigma_range`), as the guide's time (a ddpm
+    guide's fractional timestep, k-diffusion's log-sigma interpolation; an edm guide's sigma)."""
+    if same_times(denoiser, guide):
+        return lambda t: t
+    lo, hi = guide_sigma_range(guide)
+
+    def mapped(t: torch.Tensor) -> torch.Tensor:
+        sigma = denoiser.sigma(t).flatten().double().clamp(lo, hi)
+        return guide.times_of(sigma).to(t.device)
+
+    return mapped
+
+
+def churn_ceiling(current: float | None, guide: Schedule) -> float:
+    """The highest noise level churn may raise a step to while a guide trained with `guide` steers the
+    samples (the lowest of the guides' tops): above it the guide's gradient would be extrapolated."""
+    top = guide_sigma_range(guide)[1]
+    return top if current is None else min(current, top)

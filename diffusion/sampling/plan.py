@@ -5,6 +5,7 @@ typed targets: class label, prompt, known pixels), plus factories that build gui
 post-step hooks for each batch. Features (class labels, prompts, classifier or CLIP guidance,
 in-painting) add to the plan; the loop stays the same. Constraints are terms that run at every
 step after the guidance terms, outside any guidance interval (an upsampler's low-res consistency).
+`model_fns` wrap or replace the model function of each batch (autoguidance: `BatchModel`).
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from ..checkpoints.load import LoadedModel
 from ..checkpoints.store import TrainState
 from ..config import Config, SampleConfig
 from ..device import autocast_dtype
-from .guidance import CFGOptions, ClassifierFreeGuidance, GuidanceTerm, within_interval
+from .guidance import CFGOptions, ClassifierFreeGuidance, GuidanceTerm, ModelFn, within_interval
 from .images import save_grid
 from .loop import Guidance, Loop, PostStep, Progress, Trajectory, sample_loop, seeded_noise
 from .samplers import SIGMA_SAMPLERS, SigmaOptions, build_sampler, sigma_range
-from .schedule import Schedule, build_schedule
+from .schedule import Schedule, build_schedule, default_x0_processor
 
 
 @dataclass
@@ -57,6 +58,25 @@ Finisher = Callable[[torch.Tensor, list[SampleItem]], torch.Tensor]
 
 
 @dataclass
+class BatchModel:
+    """What a model-function factory sees for one batch: its items, their stacked condition tensors on the
+    sampling device, the settings, and `model_fn`, the function so far (CFG at the settings' scale, or what
+    an earlier factory made of it)."""
+
+    items: list["SampleItem"]
+    loaded: LoadedModel
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor]
+    settings: "SamplerSettings"
+    options: CFGOptions
+    autocast: torch.dtype | None
+    model_fn: ModelFn
+
+
+ModelFnFactory = Callable[[BatchModel], ModelFn]
+
+
+@dataclass
 class SamplingPlan:
     items: list[SampleItem]
     terms: list[Callable[[list[SampleItem]], GuidanceTerm]] = field(default_factory=list)
@@ -65,6 +85,8 @@ class SamplingPlan:
     finishers: list[Finisher] = field(default_factory=list)
     loop: Loop = sample_loop  # RePaint swaps in a loop that goes back in time
     cfg: CFGOptions = field(default_factory=CFGOptions)
+    churn_ceiling: float | None = None  # gradient guides' top trained sigma: churn raises no level above it
+    model_fns: list[ModelFnFactory] = field(default_factory=list)  # in order: each wraps or replaces the last
 
 
 @dataclass
@@ -124,13 +146,18 @@ def run_plan(loaded: LoadedModel, plan: SamplingPlan, settings: SamplerSettings,
             noise = noise.contiguous(memory_format=torch.channels_last)
         cond = _stack([it.cond for it in items], device)
         uncond = _stack([it.uncond if it.uncond is not None else model.null_condition(it.cond) for it in items], device)
-        model_fn = ClassifierFreeGuidance(model, cond, uncond, settings.guidance_scale, plan.cfg,
-                                          autocast_dtype(device, settings.precision))
-        guidance = Guidance(x0=plan.cfg.x0_processor(),
+        autocast = autocast_dtype(device, settings.precision)
+        model_fn = ClassifierFreeGuidance(model, cond, uncond, settings.guidance_scale, plan.cfg, autocast)
+        for make_fn in plan.model_fns:
+            model_fn = make_fn(BatchModel(items, loaded, cond, uncond, settings, plan.cfg, autocast, model_fn))
+        x0 = default_x0_processor(schedule) if plan.cfg.threshold is None and plan.cfg.x0_clip else plan.cfg.x0_processor()
+        guidance = Guidance(x0=x0,
                             terms=[within_interval(make(items), plan.cfg.interval) for make in plan.terms],
                             constraints=[make(items) for make in plan.constraints],
                             hooks=[make(items) for make in plan.hooks])
-        sampler = build_sampler(schedule, settings.sampler, settings.steps, settings.sigmas)
+        sigmas = settings.sigmas if plan.churn_ceiling is None else dataclasses.replace(
+            settings.sigmas, churn_ceiling=plan.churn_ceiling)
+        sampler = build_sampler(schedule, settings.sampler, settings.steps, sigmas)
         trajectory = Trajectory(schedule, sampler, generators, guidance)
         images = plan.loop(model_fn, trajectory, noise, advance).float().clamp(-1, 1)
         for finish in plan.finishers:

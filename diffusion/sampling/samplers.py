@@ -6,7 +6,8 @@ clean image. Times are the schedule's model time (`schedule.py`): timesteps for 
 for edm ones; every update works on the VP state x = sqrt(ab) x0 + sqrt(1 - ab) eps.
 
 - ddpm, ddim, dpmsolver on a ddpm model visit diffusers' "trailing" timesteps,
-  `round(arange(T, 0, -T/n)) - 1`. DDPM and DDIM are written out here (as in guided-diffusion and
+  `round(arange(T, 0, -T/n)) - 1` (a pretrained diffusers folder's model: its scheduler's
+  `timestep_spacing`, "leading" by default, as `DDPMScheduler.set_timesteps` picks them). DDPM and DDIM are written out here (as in guided-diffusion and
   EDM); DPM-Solver++ (2M) is diffusers' multistep solver, fed the same timesteps and our x0.
 - heun and euler (Karras et al. 2022, Algorithm 2) visit Karras' sigmas, sigma_max^(1/rho) to
   sigma_min^(1/rho) in equal steps, on either formulation: a ddpm model at the fractional timesteps of
@@ -33,7 +34,7 @@ from diffusers import DPMSolverMultistepScheduler, EDMDPMSolverMultistepSchedule
 
 from ..choices import SAMPLERS
 from ..errors import UserError
-from .schedule import CLEAN, EDMSchedule, NoiseSchedule, Schedule, karras_sigmas
+from .schedule import CLEAN, EDMSchedule, NoiseSchedule, Schedule, karras_sigmas, trailing_timesteps  # noqa: F401
 
 SIGMA_SAMPLERS = ("heun", "euler")  # Karras' sigmas on every formulation
 Predict = Callable[[torch.Tensor, "int | float"], torch.Tensor]  # (x at model time t, t) -> final eps there
@@ -50,16 +51,6 @@ class Step:
     @property
     def is_last(self) -> bool:
         return self.t_next == CLEAN
-
-
-def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """diffusers' "trailing" spacing, `round(arange(T, 0, -T/n)) - 1`: T - 1 and n - 1 timesteps evenly below.
-
-    For 62 of n = 1..1000 (61, 103, ...) float round-off makes that arange one element longer than
-    asked (diffusers then samples n + 1 steps); we keep its first n, so `--steps n` means n steps.
-    """
-    spaced = np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)[:steps]
-    return (spaced.round().astype(np.int64) - 1).tolist()
 
 
 def _time(t) -> int | float:
@@ -98,20 +89,23 @@ class Sampler(Protocol):
 
 @dataclass
 class DDPMSampler:
-    """Ancestral sampling (Ho et al. 2020): the posterior q(x_{t_next} | x_t, x0) with its variance
-    beta~ = (1 - ab_next) / (1 - ab) * (1 - ab / ab_next), "fixed small"; respaced steps use the
-    effective beta 1 - ab / ab_next, as guided-diffusion's respacing does."""
+    """Ancestral sampling (Ho et al. 2020): the posterior mean of q(x_{t_next} | x_t, x0) plus noise of
+    variance beta~ = (1 - ab_next) / (1 - ab) * (1 - ab / ab_next), "fixed small", or (`large_variance`,
+    a scheduler's fixed_large) beta = 1 - ab / ab_next; respaced steps use that effective beta, as
+    guided-diffusion's respacing and diffusers' `DDPMScheduler` do. The last step returns the mean."""
 
     steps: list[Step]
     name: str = "ddpm"
     revisits: bool = True
+    large_variance: bool = False
 
     def update(self, x, x0, eps, step, ab, ab_next, generators, predict=None):
         mean = posterior_mean(x, x0, ab, ab_next)
         if step.is_last:
             return mean
         noise = noise_from(generators, x.shape[1:], x.device, x.dtype)
-        return mean + posterior_variance(ab, ab_next).sqrt() * noise
+        variance = (1 - ab / ab_next) if self.large_variance else posterior_variance(ab, ab_next)
+        return mean + variance.sqrt() * noise
 
 
 def posterior_mean(x: torch.Tensor, x0: torch.Tensor, ab: torch.Tensor, ab_next: torch.Tensor) -> torch.Tensor:
@@ -171,6 +165,7 @@ class SigmaOptions:
     churn_min: float = 0.0  # S_tmin
     churn_max: float = math.inf  # S_tmax
     churn_noise: float = 1.0  # S_noise
+    churn_ceiling: float | None = None  # no level raised above it (gradient guides' top trained sigma; run_plan)
 
     def meta(self, lo: float, hi: float) -> dict[str, str]:
         out = {"sigma_min": f"{lo:g}", "sigma_max": f"{hi:g}", "rho": f"{self.rho:g}"}
@@ -201,9 +196,9 @@ class KarrasSampler:
     def __init__(self, schedule: Schedule, name: str, sigmas: list[float], options: SigmaOptions):
         self.schedule, self.name, self.churn_noise = schedule, name, options.churn_noise
         gamma = min(options.churn / len(sigmas), math.sqrt(2) - 1)
-        top = schedule.sigma_limits()[1]
-        raised = [min(s * (1 + gamma), top) if gamma and options.churn_min <= s <= options.churn_max else s
-                  for s in sigmas]
+        top = min(schedule.sigma_limits()[1], math.inf if options.churn_ceiling is None else options.churn_ceiling)
+        raised = [max(s, min(s * (1 + gamma), top)) if gamma and options.churn_min <= s <= options.churn_max else s
+                  for s in sigmas]  # raised to at most `top`, never lowered
         self.steps = make_steps(model_times(schedule, raised))
         self.after = [s.t_next for s in make_steps(model_times(schedule, sigmas))]  # t_next before any churn
 
@@ -259,9 +254,9 @@ def build_sampler(schedule: Schedule, name: str, steps: int, options: SigmaOptio
         total = schedule.num_train_timesteps
         if not 0 < steps <= total:
             raise UserError(f"--steps must be between 1 and the model's {total} training timesteps, got {steps}")
-        plan = make_steps(trailing_timesteps(total, steps))
+        plan = make_steps(schedule.rules.timesteps(total, steps))
         if name == "ddpm":
-            return DDPMSampler(plan)
+            return DDPMSampler(plan, large_variance=schedule.rules.large_variance)
         if name == "ddim":
             return DDIMSampler(plan)
         return DPMSolverSampler(schedule, plan)

@@ -18,24 +18,125 @@ t = -1 (`CLEAN`) stands for the clean image in both: its alpha_bar is 1 and its 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Protocol
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
 from ..config import DiffusionConfig
+from ..errors import UserError
 
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+# our beta_schedule names -> diffusers' (cosine is GLIDE's squaredcos_cap_v2)
+BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear",
+                  "sigmoid": "sigmoid"}
 CLEAN = -1  # the timestep after the last step: x_0 itself
 
 
 def build_train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
-    """The training scheduler (its x0 clipping setting is never used: samplers are our own)."""
+    """The ddpm schedule as diffusers' `DDPMScheduler`: training noises with it, sampling reads its
+    alpha_bar table, and the export saves its config. Every `diffusion:` key a diffusers scheduler config
+    has is passed through (betas, x0 clipping or thresholding, variance type, spacing), so the export's
+    `scheduler_config.json` describes what `sample.py` does."""
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=BETA_SCHEDULES[cfg.beta_schedule],
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        trained_betas=list(cfg.trained_betas) or None,
         prediction_type=cfg.prediction_type,
+        clip_sample=cfg.clip_sample,
+        clip_sample_range=cfg.clip_sample_range,
+        thresholding=cfg.thresholding,
+        dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+        sample_max_value=cfg.sample_max_value,
+        variance_type=cfg.variance_type,
+        timestep_spacing=cfg.timestep_spacing,
+        steps_offset=cfg.steps_offset,
     )
+
+
+@dataclass(frozen=True)
+class SamplingRules:
+    """How a ddpm model's scheduler samples, beside its alpha_bar table (diffusers' scheduler config keys):
+    which timesteps n steps visit (`timestep_spacing`, `steps_offset`), how the predicted x0 is kept in
+    range (`clip_sample` to +-`clip_sample_range`, or Imagen's `thresholding` at `dynamic_thresholding_ratio`
+    capped at `sample_max_value`), and the DDPM sampler's variance (`variance_type`: fixed_small is the
+    posterior's, fixed_large is beta_t; the _log variants are the same numbers). The defaults are this
+    project's own runs: trailing timesteps, x0 clipped to [-1, 1], the posterior variance."""
+
+    timestep_spacing: str = "trailing"
+    steps_offset: int = 0
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    variance_type: str = "fixed_small"
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig) -> "SamplingRules":
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    @property
+    def large_variance(self) -> bool:
+        """DDPM's sigma_t^2 = beta_t (fixed_large) rather than the posterior variance (fixed_small)."""
+        return self.variance_type.startswith("fixed_large")
+
+    def timesteps(self, num_train_timesteps: int, steps: int) -> list[int]:
+        """The timesteps `steps` steps visit, as diffusers' `DDPMScheduler.set_timesteps` picks them (trailing:
+        its first `steps` only, see `trailing_timesteps`)."""
+        total = num_train_timesteps
+        if self.timestep_spacing == "leading":
+            ratio = total // steps
+            times = [i * ratio + self.steps_offset for i in reversed(range(steps))]
+        elif self.timestep_spacing == "linspace":
+            times = np.linspace(0, total - 1, steps).round()[::-1].astype(np.int64).tolist()
+        else:
+            times = trailing_timesteps(total, steps)
+        if times[0] >= total:
+            raise UserError(f"{steps} steps with steps_offset {self.steps_offset} reach timestep {times[0]}, past the "
+                            f"model's last ({total - 1}): take fewer steps")
+        return times
+
+    def x0_processor(self):
+        """The x0 processing these rules ask for (None: the prediction is used as it is)."""
+        if self.thresholding:
+            return threshold_x0(self.dynamic_thresholding_ratio, self.sample_max_value)
+        if self.clip_sample:
+            bound = self.clip_sample_range
+            return lambda x0: x0.clamp(-bound, bound)
+        return None
+
+
+def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """diffusers' "trailing" spacing, `round(arange(T, 0, -T/n)) - 1`: T - 1 and n - 1 timesteps evenly below.
+
+    For 62 of n = 1..1000 (61, 103, ...) float round-off makes that arange one element longer than
+    asked (diffusers then samples n + 1 steps); we keep its first n, so `--steps n` means n steps.
+    """
+    spaced = np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)[:steps]
+    return (spaced.round().astype(np.int64) - 1).tolist()
+
+
+def threshold_x0(ratio: float, max_value: float):
+    """diffusers' `DDPMScheduler._threshold_sample`: s = the `ratio` quantile of |x0| per sample, clamped to
+    [1, max_value]; x0 <- clip(x0, -s, s) / s (max_value 1 makes it plain clipping to [-1, 1])."""
+
+    def process(x0: torch.Tensor) -> torch.Tensor:
+        flat = x0.float().flatten(1)
+        s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).view(-1, *[1] * (x0.ndim - 1))
+        return (torch.maximum(torch.minimum(x0.float(), s), -s) / s).to(x0.dtype)
+
+    return process
+
+
+def default_x0_processor(schedule: "Schedule"):
+    """The x0 processing a sampler applies when the command line asks for none: the schedule's rules
+    (ddpm: the scheduler's clip_sample or thresholding), else clipping to [-1, 1]."""
+    rules = getattr(schedule, "rules", None)
+    return rules.x0_processor() if rules is not None else (lambda x0: x0.clamp(-1, 1))
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
@@ -89,17 +190,19 @@ class NoiseSchedule:
     formulation = "ddpm"
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 sampling_range: tuple[float, float] = (0.002, 80.0)):
+                 sampling_range: tuple[float, float] = (0.002, 80.0), rules: SamplingRules | None = None):
         table = alphas_cumprod.detach().float().flatten()
         self.num_train_timesteps = len(table)
         self.table = torch.cat([table, table.new_ones(1)])  # index -1 -> 1.0
         self.log_sigmas = (0.5 * ((1 - table.double()) / table.double()).log()).float()  # (T,), rising with t
         self.prediction_type = prediction_type
         self.sampling_range = sampling_range
+        self.rules = rules or SamplingRules()
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> "NoiseSchedule":
-        return cls(build_train_scheduler(cfg).alphas_cumprod, cfg.prediction_type, (cfg.sigma_min, cfg.sigma_max))
+        return cls(build_train_scheduler(cfg).alphas_cumprod, cfg.prediction_type, (cfg.sigma_min, cfg.sigma_max),
+                   SamplingRules.from_config(cfg))
 
     @property
     def device(self) -> torch.device:
@@ -288,8 +391,11 @@ def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule | EDMSchedule:
 
 
 def to_epsilon(pred: torch.Tensor, x: torch.Tensor, ab: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """eps from a network's output: eps itself, v, or x0 ("sample")."""
     if prediction_type == "epsilon":
         return pred
+    if prediction_type == "sample":
+        return x0_to_epsilon(pred, x, ab)
     return ab.sqrt() * pred + (1 - ab).sqrt() * x  # from v
 
 
@@ -304,4 +410,6 @@ def x0_to_epsilon(x0: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> torch.
 def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if scheduler.config.prediction_type == "epsilon":
         return noise
+    if scheduler.config.prediction_type == "sample":
+        return x0
     return scheduler.get_velocity(x0, noise, t)

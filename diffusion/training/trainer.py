@@ -35,6 +35,7 @@ from ..signals import blocked_stop_signals
 from ..threads import cpu_threads_note
 from .batches import training_augment, training_collate
 from .guard import LossGuard
+from . import phema
 from .logger import MetricLogger
 from .preflight import preflight
 from .stop import StopRequest
@@ -107,6 +108,9 @@ class Trainer:
         if cfg.train.compile:  # last, around any DDP wrapper, as accelerate does
             self.model = compile_model(self.model, cfg.train.compile_backend)
         self.ema.to(self.accelerator.device)  # saved as safetensors + JSON, not registered (see checkpoints.ema_state)
+        self.phema: phema.PowerEMA | None = None  # post-hoc EMA profiles: tracked and written by the main process
+        if cfg.train.posthoc_ema and self.accelerator.is_main_process:
+            self.phema = phema.PowerEMA(list(self.core.parameters()), cfg.train.posthoc_ema_sigma_rels)
         self.log_metrics = log
 
     @property
@@ -132,7 +136,8 @@ class Trainer:
 
     def check_finite(self, what: str) -> None:
         """Refuse to save or export weights with a NaN or inf (so the last finite checkpoint is kept)."""
-        params = [*self.core.parameters(), *self.ema.shadow_params]
+        profiles = [t for shadows in (self.phema.shadows if self.phema else []) for t in shadows]
+        params = [*self.core.parameters(), *self.ema.shadow_params, *profiles]
         if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             raise Diverged(f"the weights are not finite at step {self.state.step}: training diverged, so no {what} "
                            "was written; lower train.lr or set train.grad_clip, and resume from the last checkpoint")
@@ -147,6 +152,8 @@ class Trainer:
             if self.accelerator.is_main_process:
                 ckpt.write_weights(tmp / ckpt.EMA_FILE, ckpt.named_weights(self.core, self.ema.shadow_params))
                 save_ema_state(tmp, self.ema)
+                if self.phema is not None:
+                    phema.save_state(tmp, self.phema, self.parameter_names())
                 ckpt.finish_checkpoint(tmp, final, self.cfg, self.state, self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return final
@@ -160,6 +167,31 @@ class Trainer:
                             f"epoch {saved.epoch}, batch {saved.batch_in_epoch} (at {per_epoch} batches an epoch): "
                             "info.json was edited, or the dataset changed size since the save")
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
+        if self.phema is not None:
+            phema.load_state(path, self.phema, self.parameter_names(), saved.step)
+
+    def parameter_names(self) -> list[str]:
+        return [name for name, _ in self.core.named_parameters()]
+
+    def start_posthoc_ema(self) -> None:
+        """Main process: say what the snapshots cost on disk, and delete the snapshots a killed run wrote
+        after the step this run starts from (it writes them again, bit for bit, from the same weights)."""
+        train = self.cfg.train
+        print(phema.disk_note(list(self.core.parameters()), self.phema.sigma_rels, train.posthoc_ema_every,
+                              train.max_steps, train.posthoc_ema_fp16, self.run_dir), flush=True)
+        removed = phema.remove_snapshots_after(self.run_dir, self.state.step)
+        if removed:
+            print(f"post-hoc EMA: removed the {len(removed)} snapshots after step {self.state.step} (steps "
+                  f"{removed[0]}-{removed[-1]}) that a stopped run wrote; they are written again", flush=True)
+
+    def write_snapshot(self) -> Path:
+        """RUN/posthoc/snapshots/step-N/ (main process), before this step's checkpoint: a kill between
+        the two leaves a snapshot newer than the newest checkpoint, which the resume removes."""
+        self.check_finite("post-hoc EMA snapshot")
+        final = phema.snapshot_root(self.run_dir) / f"step-{self.state.step:06d}"
+        with self.write_guard(f"post-hoc EMA snapshot {final}", partial=final.with_name(f".tmp-{final.name}")):
+            return phema.write_snapshot(self.run_dir, self.phema, self.core, self.cfg.train.posthoc_ema_fp16,
+                                        {"class_names": self.state.class_names}, self.accelerator.process_index)
 
     def move_old_run_aside(self) -> None:
         """--overwrite: rename the run in output_dir aside whole, under its lock, and lock the new folder."""
@@ -238,6 +270,8 @@ class Trainer:
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
+        if self.phema is not None:
+            self.start_posthoc_ema()
         self.logger = MetricLogger(self.run_dir, enabled=self.log_metrics and acc.is_main_process, start_step=self.state.step)
         stop = StopRequest()
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="training", disable=not acc.is_main_process)
@@ -260,6 +294,8 @@ class Trainer:
                 self.state.step += 1
                 bar.update(1)
                 step = self.state.step
+                if self.phema is not None:
+                    self.phema.update(list(self.core.parameters()), step)
                 if self.on_step is not None:
                     self.on_step(self, loss)
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
@@ -272,6 +308,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     loss_sum.zero_()
                     loss_count, tick, tick_step = 0, time.perf_counter(), step
+                if self.phema is not None and (step % cfg.train.posthoc_ema_every == 0 or step == cfg.train.max_steps):
+                    self.write_snapshot()  # before the checkpoint of the same step (see write_snapshot)
                 if step % cfg.train.checkpoint_every == 0:  # before the preview: a failing preview costs nothing
                     saved = self.save_checkpoint()
                     last_saved = step
