@@ -212,7 +212,7 @@ def plot(rows: list[dict], path: Path) -> None:
                         fontsize=7)
     ax.set_xlabel("recall (variety)")
     ax.set_ylabel("FID (CIFAR-10 classifier features)")
-    ax.set_title("Guidance methods across scales: lower is better, further right is more varied")
+    ax.set_title("FID (lower: better) against recall (right: more varied), per scale", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
