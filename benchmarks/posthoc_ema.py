@@ -162,6 +162,11 @@ def plot(rows: list[dict], path: Path) -> None:
         if r is not None:
             ax.axhline(r["fid"], linestyle=style, color="gray", label=f"{r['kind']}: {r['fid']:.2f}")
     ax.set_xscale("log")
+    if points:  # label the measured widths themselves (log-scale minor labels overlap)
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(xs, [f"{x:g}" for x in xs], fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("sigma_rel (EMA length relative to training time)")
     ax.set_ylabel("FID")
     ax.legend(fontsize=7)
