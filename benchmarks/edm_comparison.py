@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.fid_cells import CellFailed, fid_command, run_fid, shown  # noqa: E402  (torch-free)
 from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torch-free)
 
 # (model, sampler, steps): the 35-evaluation rows, then each model's 100+ evaluation reference
@@ -58,31 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def row_command(args: argparse.Namespace, model: str, sampler: str, steps: int) -> list[str]:
+def run_row(args: argparse.Namespace, spec: str) -> dict:
+    """One MODEL:SAMPLER:STEPS row's `evaluate fid`, as a table row."""
+    model, sampler, steps = spec.split(":")
     name = f"{model}_{sampler}{steps}"
     out = Path(args.out)
-    return [sys.executable, "-m", "diffusion.evaluate", "fid", "--samples", getattr(args, model),
-            "--reference", f"imagefolder:{args.reference_split}", "--reference-root", args.reference_root,
-            "--feature-extractor", args.extractor, "--num-samples", str(args.num_samples),
-            "--sampler", sampler, "--steps", str(steps), "--guidance-scale", f"{args.guidance_scale:g}",
-            "--batch-size", str(args.batch_size), "--workers", "0", "--out", str(out / f"{name}.json"),
-            "--sample-dir", str(out / "samples" / name), *shlex.split(args.extra)]
-
-
-def run_row(args: argparse.Namespace, spec: str) -> dict:
-    model, sampler, steps = spec.split(":")
-    command = row_command(args, model, sampler, int(steps))
-    print("$ " + shlex.join(command[1:]).replace(shlex.quote(sys.executable), "python"), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        raise SystemExit(f"row {spec} failed:\n{done.stderr[-2000:]}")
-    report = json.loads(Path(command[command.index("--out") + 1]).read_text())
+    command = fid_command(getattr(args, model), out / f"{name}.json", out / "samples" / name,
+                          reference=f"imagefolder:{args.reference_split}", reference_root=args.reference_root,
+                          extractor=args.extractor, num_samples=args.num_samples, batch_size=args.batch_size,
+                          options=["--sampler", sampler, "--steps", steps, "--guidance-scale", f"{args.guidance_scale:g}"],
+                          extra=args.extra)
+    try:
+        report, seconds = run_fid(command, out / f"{name}.json")
+    except CellFailed as err:
+        raise SystemExit(f"row {spec} failed:\n{err}") from None
     return {"model": model, "sampler": sampler, "steps": int(steps), "NFE": network_evaluations(sampler, int(steps)),
             "FID": report["fid"], "KID": report["kid_mean"], "KID std": report["kid_std"], "n": report["n"],
-            "seconds": seconds, "command": shlex.join(["python", *command[1:]])}
+            "seconds": seconds, "command": shown(command)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

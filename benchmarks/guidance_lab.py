@@ -28,23 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.fid_cells import METRICS, CellFailed, fid_command, metric, run_fid, shown  # noqa: E402  (torch-free)
 from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torch-free)
 
 METHODS = ("unguided", "cfg", "cfg-interval", "auto-early", "auto-small", "classifier", "uncond", "uncond-auto-small")
 DEFAULT_SCALES = {"unguided": "1", "cfg": "1.5,2,3", "cfg-interval": "2,3,4", "auto-early": "1.5,2,3",
                   "auto-small": "1.5,2,3", "classifier": "1,2,4", "uncond": "0", "uncond-auto-small": "1.5,2,3"}
-METRICS = ("fid", "kid", "precision", "recall", "density", "coverage", "class_accuracy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,52 +100,23 @@ def method_options(args: argparse.Namespace, method: str, scale: float) -> list[
     raise SystemExit(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
-def cell_command(args: argparse.Namespace, method: str, scale: float, options: list[str]) -> tuple[list[str], Path]:
+def run_cell(args: argparse.Namespace, method: str, scale: float, options: list[str]) -> dict:
+    """One cell's `evaluate fid` (reused when its report exists, unless --fresh) as a table row."""
     name = f"{method}_w{scale:g}"
     out = Path(args.out)
-    report = out / "cells" / f"{name}.json"
-    command = [sys.executable, "-m", "diffusion.evaluate", "fid", "--samples", args.main,
-               "--reference", f"imagefolder:{args.reference_split}", "--reference-root", args.reference_root,
-               "--feature-extractor", args.extractor, "--num-samples", str(args.num_samples),
-               "--sampler", args.sampler, "--steps", str(args.steps), "--seed", str(args.seed),
-               "--batch-size", str(args.batch_size), "--workers", "0", "--out", str(report),
-               "--sample-dir", str(out / "samples" / name), *options, *shlex.split(args.extra)]
-    return command, report
-
-
-def metric(report: dict, name: str) -> tuple[float | None, float | None, float | None]:
-    """(value, lo, hi) of one metric in an `evaluate fid` report; None where the report lacks it."""
-    if name == "kid":
-        value, std = report.get("kid_mean"), report.get("kid_std")
-        return value, (None if std is None else value - std), (None if std is None else value + std)
-    entry = report.get(name)
-    if isinstance(entry, dict):
-        interval = entry.get("interval") or entry.get("ci95") or [entry.get("lo"), entry.get("hi")]
-        return entry.get("value"), interval[0], interval[1]
-    interval = report.get(f"{name}_ci95") or report.get(f"{name}_interval") or [None, None]
-    return entry, interval[0], interval[1]
-
-
-def run_cell(args: argparse.Namespace, method: str, scale: float, options: list[str]) -> dict:
-    command, report_path = cell_command(args, method, scale, options)
-    shown = shlex.join(["python", *command[1:]])
-    print("$ " + shown, flush=True)
-    seconds = None
-    if args.fresh or not report_path.exists():
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        start = time.perf_counter()
-        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if done.returncode:
-            raise SystemExit(f"cell {method} w={scale:g} failed:\n{done.stderr[-2000:]}")
-        if not args.keep_samples:
-            import shutil
-
-            shutil.rmtree(Path(args.out) / "samples" / f"{method}_w{scale:g}", ignore_errors=True)
-    report = json.loads(report_path.read_text())
-    row = {"method": method, "scale": scale, "n": report.get("n"), "seconds": seconds, "command": shown}
-    for name in METRICS:
-        row[name] = metric(report, name)
+    report_path = out / "cells" / f"{name}.json"
+    command = fid_command(args.main, report_path, out / "samples" / name, reference=f"imagefolder:{args.reference_split}",
+                          reference_root=args.reference_root, extractor=args.extractor, num_samples=args.num_samples,
+                          batch_size=args.batch_size, extra=args.extra,
+                          options=["--sampler", args.sampler, "--steps", str(args.steps), "--seed", str(args.seed),
+                                   *options])
+    try:
+        report, seconds = run_fid(command, report_path, reuse=not args.fresh, keep_samples=args.keep_samples)
+    except CellFailed as err:
+        raise SystemExit(f"cell {method} w={scale:g} failed:\n{err}") from None
+    row = {"method": method, "scale": scale, "n": report.get("n"), "seconds": seconds, "command": shown(command)}
+    for metric_name in METRICS:
+        row[metric_name] = metric(report, metric_name)
     return row
 
 

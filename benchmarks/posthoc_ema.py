@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.fid_cells import CellFailed, fid_command, run_fid  # noqa: E402  (torch-free)
 from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torch-free)
 
 DEFAULT_SIGMAS = "0.01,0.02,0.03,0.05,0.07,0.10,0.13,0.16,0.20,0.25,0.28"  # 0.3 is past 1/sqrt(12) = 0.2887
@@ -59,34 +56,22 @@ if __name__ == "__main__":  # --help and bad flags answer before torch is import
     build_parser().parse_args()
 
 
-def fid_command(args: argparse.Namespace, model: Path, name: str) -> list[str]:
-    out = Path(args.out)
-    command = [sys.executable, "-m", "diffusion.evaluate", "fid", "--samples", str(model),
-               "--reference", f"{args.reference}:{args.reference_split}", "--reference-root", args.reference_root,
-               "--num-samples", str(args.num_samples), "--guidance-scale", f"{args.guidance_scale:g}",
-               "--batch-size", str(args.batch_size), "--workers", "0", "--out", str(out / f"{name}.json"),
-               "--sample-dir", str(out / "samples" / name), *shlex.split(args.extra)]
-    if args.extractor:
-        command += ["--feature-extractor", args.extractor]
-    if args.sampler:
-        command += ["--sampler", args.sampler]
-    if args.steps:
-        command += ["--steps", str(args.steps)]
-    return command
-
-
 def score(args: argparse.Namespace, row: dict) -> dict:
-    """One evaluate fid run: the row gains fid, kid, precision, recall (those the report has)."""
-    command = fid_command(args, Path(row["model"]), row["name"])
-    print("$ " + shlex.join(command[1:]).replace(shlex.quote(sys.executable), "python"), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-    row["seconds"] = round(time.perf_counter() - start, 1)
-    if done.returncode:
-        row["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    """One evaluate fid run: the row gains fid, kid, precision, recall (those the report has), or an error."""
+    out = Path(args.out)
+    options = ["--guidance-scale", f"{args.guidance_scale:g}"]
+    options += ["--sampler", args.sampler] if args.sampler else []
+    options += ["--steps", str(args.steps)] if args.steps else []
+    report_path = out / f"{row['name']}.json"
+    command = fid_command(row["model"], report_path, out / "samples" / row["name"],
+                          reference=f"{args.reference}:{args.reference_split}", reference_root=args.reference_root,
+                          extractor=args.extractor, num_samples=args.num_samples, batch_size=args.batch_size,
+                          options=options, extra=args.extra)
+    try:
+        report, row["seconds"] = run_fid(command, report_path)
+    except CellFailed as err:
+        row["error"] = str(err).splitlines()[-1]
         return row
-    report = json.loads((Path(args.out) / f"{row['name']}.json").read_text())
     for key in ("fid", "fid_ci95", "kid_mean", "kid_std", "precision", "recall"):
         if report.get(key) is not None:
             row[key] = report[key]

@@ -50,7 +50,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,35 +284,90 @@ def one_line(text: str, width: int = 110) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def run_pages(pages: list[Path], root: Path = ROOT, work: Path | None = None, out=sys.stdout) -> list[Result]:
+def report(result: Result, out) -> None:
+    """One command's line (and the end of its output when it failed), written at once."""
+    c = result.command
+    text = (f"{result.status:4}  {result.seconds:6.1f}s  {c.where:24}  {one_line(c.text)}"
+            + (f"\n      {result.detail}" if result.detail and result.status != "PASS" else ""))
+    if result.status == "FAIL":
+        text += "".join(f"\n      | {line[-200:]}" for line in result.output[-15:])
+    print(text, file=out, flush=True)
+
+
+def run_commands(commands: list[Command], copy: Path, env: dict[str, str], out, servers: threading.Lock) -> list[Result]:
+    """Run commands in order in one copy; servers one at a time across lanes (they share a port)."""
+    results = []
+    for command in commands:
+        try:
+            if command.kind == "server":
+                with servers:
+                    result = run_one(command, copy, env)
+            else:
+                result = run_one(command, copy, env)
+        except Exception as err:  # noqa: BLE001  (the runner's own trouble fails that command, not the run)
+            result = Result(command, "FAIL", detail=f"the runner could not run it: {type(err).__name__}: {err}")
+        results.append(result)
+        report(result, out)
+    return results
+
+
+def status_check(copy: Path, made: set[str], out, name: str = "git status") -> Result:
+    """The copy's `git status`: documented commands write only git-ignored places."""
+    stray = untracked(copy, made)
+    check = Command(name, "git status --porcelain (documented commands write only git-ignored places)")
+    result = Result(check, "FAIL" if stray else "PASS", detail="; ".join(stray[:20]))
+    print(f"{result.status:4}  {0.0:6.1f}s  {check.where:24}  {check.text}"
+          + (f"\n      written outside git-ignored places: {result.detail}" if stray else ""), file=out, flush=True)
+    return result
+
+
+def run_pages(pages: list[Path], root: Path = ROOT, work: Path | None = None, out=sys.stdout,
+              lanes: int = 1) -> list[Result]:
     """Run the pages' commands in a fresh copy of `root` (in `work`, else a temporary folder); print a line per
-    command and the summary; the last result is the `git status` check."""
-    commands = [c for page in pages for c in page_commands(page, root)]
+    command and the summary. With lanes > 1 the first page runs alone, then the other pages are shared out,
+    in order, among `lanes` copies of that state run at once (each page then sees only the first page's
+    results, as a newcomer who read the README and then that page). The results end with each copy's
+    `git status` check."""
+    per_page = [(page, page_commands(page, root)) for page in pages]
+    commands = [c for _, page_cmds in per_page for c in page_cmds]
+    made = {c.arg for c in commands if c.kind == "save-as"}
     owned = work is None
     work = Path(tempfile.mkdtemp(prefix="docs-runner-")) if owned else work
     total = time.perf_counter()
     results: list[Result] = []
+    servers = threading.Lock()
     try:
         copy = make_copy(root, work)
         env = environment(work)
-        print(f"docs runner: {len(commands)} commands in {copy} (train.py gets: {TINY})", file=out, flush=True)
-        for command in commands:
-            try:
-                result = run_one(command, copy, env)
-            except Exception as err:  # noqa: BLE001  (the runner's own trouble fails that command, not the run)
-                result = Result(command, "FAIL", detail=f"the runner could not run it: {type(err).__name__}: {err}")
-            results.append(result)
-            print(f"{result.status:4}  {result.seconds:6.1f}s  {command.where:24}  {one_line(command.text)}"
-                  + (f"\n      {result.detail}" if result.detail and result.status != "PASS" else ""), file=out, flush=True)
-            if result.status == "FAIL":
-                for line in result.output[-15:]:
-                    print(f"      | {line[-200:]}", file=out)
-        made = {c.arg for c in commands if c.kind == "save-as"}
-        stray = untracked(copy, made)
-        check = Command("git status", "git status --porcelain (documented commands write only git-ignored places)")
-        results.append(Result(check, "FAIL" if stray else "PASS", detail="; ".join(stray[:20])))
-        print(f"{results[-1].status:4}  {0.0:6.1f}s  {'git status':24}  {check.text}"
-              + (f"\n      written outside git-ignored places: {results[-1].detail}" if stray else ""), file=out)
+        lanes = max(1, min(lanes, len(per_page) - 1))
+        if lanes > 1:  # the lanes share the cores: fewer threads each
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // lanes))
+        print(f"docs runner: {len(commands)} commands in {copy}, {lanes} lane(s) (train.py gets: {TINY})",
+              file=out, flush=True)
+        first = per_page[0][1] if lanes > 1 else commands
+        results += run_commands(first, copy, env, out, servers)
+        copies = [copy]
+        if lanes > 1:
+            queue = deque(per_page[1:])
+            take = threading.Lock()
+            copies += [copy.with_name(f"{copy.name}-lane{i + 1}") for i in range(1, lanes)]
+            for lane_copy in copies[1:]:
+                shutil.copytree(copy, lane_copy, symlinks=True)
+
+            def lane(lane_copy: Path) -> list[Result]:
+                done: list[Result] = []
+                while True:
+                    with take:
+                        if not queue:
+                            return done
+                        _, page_cmds = queue.popleft()
+                    done += run_commands(page_cmds, lane_copy, env, out, servers)
+
+            with ThreadPoolExecutor(lanes) as pool:
+                for lane_results in pool.map(lane, copies):
+                    results += lane_results
+        results += [status_check(c, made, out, "git status" if i == 0 else f"git status (lane {i + 1})")
+                    for i, c in enumerate(copies)]
     finally:
         if owned:
             shutil.rmtree(work, ignore_errors=True)
@@ -332,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", default=None,
                         help="keep the copy in this (new or empty) folder instead of a temporary one that is removed")
     parser.add_argument("--list", action="store_true", help="list the commands and their markers; run nothing")
+    parser.add_argument("--lanes", type=int, default=2,
+                        help="after the first page, run the other pages in this many copies at once (1: all in order "
+                             "in one copy)")
     return parser
 
 
@@ -353,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(work.iterdir()):
             print(f"error: --work {work} is not empty: give a new or empty folder", file=sys.stderr)
             return 2
-    results = run_pages(pages, ROOT, work)
+    results = run_pages(pages, ROOT, work, lanes=args.lanes)
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 

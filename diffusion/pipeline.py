@@ -97,7 +97,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         config = self.scheduler.config
         if "sigma_data" in config:
             return EDMSchedule(config.sigma_data, config.sigma_min, config.sigma_max)
-        if getattr(self, "_plain_folder", False):  # a published DDPMPipeline...: its scheduler's spacing, clip, variance
+        if getattr(self, "_rules_from_scheduler", False):  # published folders, newer exports: spacing, clip, variance
             from .checkpoints.diffusers_folder import settings_of_scheduler
             from .sampling.schedule import SamplingRules
 
@@ -114,15 +114,18 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         are refused in one line."""
         from .checkpoints import diffusers_folder as folders
 
-        source, plain = pretrained_model_name_or_path, False
+        source, rules_from_scheduler = pretrained_model_name_or_path, False
         if isinstance(source, (str, Path)) and (Path(source).exists() or folders.looks_like_hub_name(str(source))):
             source = folders.resolve_source(source)
-            index = source / folders.MODEL_INDEX
-            if index.is_file() and folders.load_json(index, "pipeline index").get("_class_name") != PIPELINE_CLASS:
+            index_file = source / folders.MODEL_INDEX
+            index = folders.load_json(index_file, "pipeline index") if index_file.is_file() else {}
+            if index and index.get("_class_name") != PIPELINE_CLASS:
                 folders.read_index(source)  # refuses latent and conditional pipelines
-                plain = True
+                rules_from_scheduler = True
+            else:  # our export: its scheduler holds the run's rules only if the index says so (older ones: defaults)
+                rules_from_scheduler = index.get(RULES_KEY) == "scheduler"
         pipe = super().from_pretrained(source, **kwargs)
-        pipe._plain_folder = plain
+        pipe._rules_from_scheduler = rules_from_scheduler
         return pipe
 
     @staticmethod
@@ -297,13 +300,18 @@ def flat_items(value, name: str) -> tuple[list, bool]:
 
 
 def export_scheduler(cfg: DiffusionConfig, train_scheduler: DDPMScheduler) -> SchedulerMixin:
-    """The scheduler saved with the export: the training schedule with "trailing" spacing, the
-    timesteps every sampler here visits, for diffusers loops (ddpm); or EDM's DPM-Solver++ over the
-    run's sigma range and sigma_data (edm)."""
+    """The scheduler saved with the export: the run's training scheduler with its own sampling rules
+    (timestep spacing, x0 clipping, variance: what `sample.py` does, so diffusers loops and this pipeline
+    follow them), ddpm; or EDM's DPM-Solver++ over the run's sigma range and sigma_data (edm)."""
     if cfg.formulation != "edm":
-        return type(train_scheduler).from_config(train_scheduler.config, timestep_spacing="trailing")
+        return type(train_scheduler).from_config(train_scheduler.config)
     return EDMDPMSolverMultistepScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_data=cfg.sigma_data,
                                           prediction_type="epsilon", final_sigmas_type="zero")
+
+
+# In model_index.json (diffusers ignores "_" keys): the scheduler config holds the run's sampling rules.
+# Exports written before it saved diffusers' defaults there ("leading" spacing) and sample with ours.
+RULES_KEY = "_sampling_rules"
 
 
 def write_model_index(final_dir: Path, has_text_encoder: bool, unet_class: str, scheduler_class: str = "DDPMScheduler") -> None:
@@ -312,7 +320,7 @@ def write_model_index(final_dir: Path, has_text_encoder: bool, unet_class: str, 
     it is (so diffusers' own `DDPMPipeline.from_pretrained(final_dir)` samples as `sample.py --sampler ddpm`),
     or an edm run's EDMDPMSolverMultistepScheduler."""
     sampler = scheduler_class
-    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version(),
+    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version(), RULES_KEY: "scheduler",
              "unet": ["diffusers", unet_class], "scheduler": ["diffusers", sampler]}
     if has_text_encoder:
         index["text_encoder"] = ["diffusion.models.text", "TextEncoder"]

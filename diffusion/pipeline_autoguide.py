@@ -10,8 +10,7 @@ import torch
 
 from .cli.args import BadType, BadValue
 from .errors import preview
-from .sampling.autoguide import Autoguidance, plain
-from .sampling.schedule import EDMSchedule
+from .sampling.autoguide import Autoguidance, pairing_table, plain, refuse_mismatch
 
 GuidedDiffusionPipeline = Any  # diffusion/pipeline.py's class; it imports this module, so not imported back
 
@@ -37,21 +36,20 @@ def load_guide(pipe: GuidedDiffusionPipeline, value: Any, cache: dict[str, Any])
     return guide
 
 
+def pairing_table_of(pipe: GuidedDiffusionPipeline) -> dict[str, Any]:
+    """sampling.autoguide.pairing_table of an exported pipeline (its U-Net config; the class count without
+    the null class CFG training adds)."""
+    config = pipe.unet.config
+    condition = "text" if pipe.text_encoder is not None else ("class" if config.get("num_class_embeds") else "none")
+    return pairing_table(resolution=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
+                         formulation=pipe.schedule().formulation, condition=condition,
+                         classes=(config.num_class_embeds - 1) if condition == "class" else None)
+
+
 def check_pipelines(main: GuidedDiffusionPipeline, guide: GuidedDiffusionPipeline) -> None:
-    """The checks of `check_pair` on exported pipelines: resolution, channels, condition, classes, noise levels."""
-    a, b = main.unet.config, guide.unet.config
-    kind = lambda p: "text" if p.text_encoder is not None else ("class" if p.unet.config.num_class_embeds else "none")  # noqa: E731
-    rows = [("resolution (sample_size)", a.sample_size, b.sample_size), ("input channels", a.in_channels, b.in_channels),
-            ("output channels", a.out_channels, b.out_channels), ("condition", kind(main), kind(guide)),
-            ("class embeddings (classes + null)", a.get("num_class_embeds"), b.get("num_class_embeds"))]
-    s_main, s_guide = main.schedule(), guide.schedule()
-    rows.append(("formulation", s_main.formulation, s_guide.formulation))
-    for what, mine, theirs in rows:
-        if mine != theirs:
-            raise BadValue(f"autoguide does not pair with this pipeline: its {what} is {theirs}, here {mine}; "
-                           "a guide must be the same kind of model of the same data")
-    if not isinstance(s_main, EDMSchedule) and not torch.equal(s_main.table.cpu(), s_guide.table.cpu()):
-        raise BadValue("autoguide does not pair with this pipeline: its noise levels (alpha_bar per timestep) differ")
+    """check_pair's table on exported pipelines: resolution, channels, formulation, condition, classes, noise levels."""
+    refuse_mismatch(pairing_table_of(main), pairing_table_of(guide), main.schedule(), guide.schedule(), "autoguide",
+                    BadValue)
 
 
 def guided(main: GuidedDiffusionPipeline, guide: GuidedDiffusionPipeline, unet_fn, labels, prompts, batch: int,

@@ -48,19 +48,43 @@ def test_pipeline_draws_what_sample_py_draws(tiny_run, tmp_path):
 
 
 def test_runs_exported_before_the_fix_sample_the_same(tiny_run, tmp_path):
-    """Old exports saved the DDPM training scheduler as it was: clip_sample true, "leading" spacing.
-    The pipeline reads only the schedule from it, so those settings change nothing."""
+    """Old exports saved the DDPM training scheduler as it was: clip_sample true, "leading" spacing, and
+    no `_sampling_rules` in model_index.json. The pipeline then reads only the schedule from it, so those
+    settings change nothing."""
     old = tmp_path / "final"
     shutil.copytree(tiny_run / "final", old)
+    index = json.loads((old / "model_index.json").read_text())
+    assert index.pop("_sampling_rules") == "scheduler"  # what exports write now
+    (old / "model_index.json").write_text(json.dumps(index))
     config_file = old / "scheduler" / "scheduler_config.json"
     config = json.loads(config_file.read_text())
-    assert config["timestep_spacing"] == "trailing"  # what exports write now
+    assert config["timestep_spacing"] == "trailing"  # the run's own spacing
     config.update(clip_sample=True, timestep_spacing="leading")
     config_file.write_text(json.dumps(config))
     draw = dict(class_labels=[2, 2], guidance_scale=3.0, num_inference_steps=3, seed=1, output_type="pt")
     new_images = GuidedDiffusionPipeline.from_pretrained(tiny_run / "final")(**draw).images
     old_images = GuidedDiffusionPipeline.from_pretrained(old)(**draw).images
     assert torch.equal(new_images, old_images)
+
+
+def test_export_carries_the_runs_sampling_rules(tmp_path):
+    """A run with its own rules (leading timesteps + offset, no x0 clipping, beta_t variance) exports them,
+    so the pipeline (DDIM and DDPM) draws what sample.py draws, pixel for pixel; a wrong reading of any of
+    the three rules would move the images."""
+    from diffusion.training.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(run, "train.max_steps=2", "diffusion.timestep_spacing=leading", "diffusion.steps_offset=1",
+                      "diffusion.clip_sample=false", "diffusion.variance_type=fixed_large"))
+    config = json.loads((run / "final" / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["timestep_spacing"], config["steps_offset"], config["clip_sample"]) == ("leading", 1, False)
+    pipe = GuidedDiffusionPipeline.from_pretrained(run / "final")
+    pipe.set_progress_bar_config(disable=True)
+    for sampler in ("ddim", "ddpm"):
+        expected = sample_py(run, tmp_path / sampler, "--class-label", "2", "--guidance-scale", "3", "--sampler",
+                             sampler, "--steps", "3", "--num-samples", "2", "--seed", "4")
+        got = pixels(pipe(class_labels=[2, 2], guidance_scale=3.0, num_inference_steps=3, seed=4, sampler=sampler).images)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected)), sampler
 
 
 def test_class_run_final_is_a_pipeline(tiny_run):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -80,6 +80,47 @@ def _condition_kind(loaded: LoadedModel) -> str:
     return getattr(loaded.model, "condition", loaded.cfg.model.condition)
 
 
+def pairing_table(*, resolution: int, in_channels: int, out_channels: int, formulation: str, condition: str,
+                  classes: int | None) -> dict[str, Any]:
+    """What a guide must share with its main model, under the names the refusals use: the one table that
+    loaded checkpoints (check_pair) and exported pipelines (pipeline_autoguide.check_pipelines) compare.
+    `classes` counts real classes (no CFG null class); it is compared only for class conditioning."""
+    return {"data.resolution": resolution, "input channels": in_channels, "output channels": out_channels,
+            "diffusion.formulation": formulation, "model.condition": condition,
+            "the number of classes": classes if condition == "class" else None}
+
+
+def refuse_mismatch(main: dict[str, Any], guide: dict[str, Any], main_schedule: Schedule, guide_schedule: Schedule,
+                    flag: str, error: type[Exception] = UserError) -> None:
+    """Raise `error`, in one line naming the first row of the tables that differs, or the noise levels."""
+    for what, mine in main.items():
+        theirs = guide.get(what)
+        if mine != theirs:
+            raise error(f"{flag} does not pair with the main model: {what} is {theirs} there but {mine} here; "
+                        "a guide must be the same kind of model of the same data (a smaller or shorter-trained twin)")
+    if not same_times(main_schedule, guide_schedule):  # e.g. equal settings but other betas
+        raise error(f"{flag} does not pair with the main model: its noise levels (alpha_bar per timestep) differ; "
+                    "a guide must be trained with the same diffusion schedule")
+
+
+def _checkpoint_table(loaded: LoadedModel) -> dict[str, Any]:
+    """pairing_table of a loaded checkpoint, with the rows only a run's config has (in-painting and upsampler
+    inputs before the channel counts they explain; ddpm's timesteps and betas)."""
+    cfg, unet = loaded.cfg, loaded.model.unet.config
+    shared = pairing_table(resolution=cfg.data.resolution, in_channels=unet.in_channels, out_channels=unet.out_channels,
+                           formulation=cfg.diffusion.formulation, condition=_condition_kind(loaded),
+                           classes=getattr(loaded.model, "num_classes", None))
+    table = {"data.resolution": shared.pop("data.resolution"),
+             "model.inpaint (mask input channels)": cfg.model.inpaint,
+             "model.upsample (low-res input channels)": cfg.model.upsample}
+    if cfg.model.upsample:
+        table["upsample.factor"] = cfg.upsample.factor
+    table.update(shared)
+    if cfg.diffusion.formulation == "ddpm":
+        table.update({f"diffusion.{key}": getattr(cfg.diffusion, key) for key in ("num_train_timesteps", "beta_schedule")})
+    return table
+
+
 def check_pair(main: LoadedModel, guide: LoadedModel, where: str) -> None:
     """Refuse, in one line naming the mismatch, a guide that cannot guide `main`: another task,
     resolution, input or output channels (in-painting masks, upsampler inputs), formulation, noise
@@ -88,28 +129,7 @@ def check_pair(main: LoadedModel, guide: LoadedModel, where: str) -> None:
     flag = f"--autoguide {where}"
     if guide.cfg.task != "denoiser":
         raise UserError(f"{flag} is a {guide.cfg.task} checkpoint: a guide is a denoiser (task: denoiser) of the same data")
-    rows = [("data.resolution", main.cfg.data.resolution, guide.cfg.data.resolution),
-            ("model.inpaint (mask input channels)", main.cfg.model.inpaint, guide.cfg.model.inpaint),
-            ("model.upsample (low-res input channels)", main.cfg.model.upsample, guide.cfg.model.upsample)]
-    if main.cfg.model.upsample:
-        rows.append(("upsample.factor", main.cfg.upsample.factor, guide.cfg.upsample.factor))
-    unet_main, unet_guide = main.model.unet.config, guide.model.unet.config
-    rows += [("input channels", unet_main.in_channels, unet_guide.in_channels),
-             ("output channels", unet_main.out_channels, unet_guide.out_channels),
-             ("diffusion.formulation", main.cfg.diffusion.formulation, guide.cfg.diffusion.formulation)]
-    if main.cfg.diffusion.formulation == "ddpm":
-        rows += [(f"diffusion.{key}", getattr(main.cfg.diffusion, key), getattr(guide.cfg.diffusion, key))
-                 for key in ("num_train_timesteps", "beta_schedule")]
-    rows.append(("model.condition", _condition_kind(main), _condition_kind(guide)))
-    if _condition_kind(main) == "class":
-        rows.append(("the number of classes", main.model.num_classes, guide.model.num_classes))
-    for what, mine, theirs in rows:
-        if mine != theirs:
-            raise UserError(f"{flag} does not pair with the main model: {what} is {theirs} there but {mine} here; "
-                            "a guide must be the same kind of model of the same data (a smaller or shorter-trained twin)")
-    if not same_times(main.schedule, guide.schedule):  # e.g. equal settings but other betas
-        raise UserError(f"{flag} does not pair with the main model: its noise levels (alpha_bar per timestep) differ; "
-                        "a guide must be trained with the same diffusion schedule")
+    refuse_mismatch(_checkpoint_table(main), _checkpoint_table(guide), main.schedule, guide.schedule, flag)
 
 
 def guide_condition(main: torch.nn.Module, guide: torch.nn.Module, cond: dict[str, torch.Tensor],
