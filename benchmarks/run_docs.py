@@ -52,7 +52,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,10 +323,10 @@ def status_check(copy: Path, made: set[str], out, name: str = "git status") -> R
 def run_pages(pages: list[Path], root: Path = ROOT, work: Path | None = None, out=sys.stdout,
               lanes: int = 1) -> list[Result]:
     """Run the pages' commands in a fresh copy of `root` (in `work`, else a temporary folder); print a line per
-    command and the summary. With lanes > 1 the first page runs alone, then the other pages are shared out,
-    in order, among `lanes` copies of that state run at once (each page then sees only the first page's
-    results, as a newcomer who read the README and then that page). The results end with each copy's
-    `git status` check."""
+    command and the summary. With lanes > 1 the first page runs alone; then every other page runs in its own
+    copy of that state (COPY-PAGE), `lanes` pages at once, so each page sees exactly what the first page made
+    (a newcomer who read the README, then that page) whatever ran beside it. The results end with each
+    copy's `git status` check."""
     per_page = [(page, page_commands(page, root)) for page in pages]
     commands = [c for _, page_cmds in per_page for c in page_cmds]
     made = {c.arg for c in commands if c.kind == "save-as"}
@@ -342,32 +341,23 @@ def run_pages(pages: list[Path], root: Path = ROOT, work: Path | None = None, ou
         lanes = max(1, min(lanes, len(per_page) - 1))
         if lanes > 1:  # the lanes share the cores: fewer threads each
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // lanes))
-        print(f"docs runner: {len(commands)} commands in {copy}, {lanes} lane(s) (train.py gets: {TINY})",
-              file=out, flush=True)
-        first = per_page[0][1] if lanes > 1 else commands
-        results += run_commands(first, copy, env, out, servers)
-        copies = [copy]
+        print(f"docs runner: {len(commands)} commands in {copy}, {lanes} page(s) at once after the first "
+              f"(train.py gets: {TINY})", file=out, flush=True)
+        results += run_commands(per_page[0][1] if lanes > 1 else commands, copy, env, out, servers)
+        results.append(status_check(copy, made, out))
         if lanes > 1:
-            queue = deque(per_page[1:])
-            take = threading.Lock()
-            copies += [copy.with_name(f"{copy.name}-lane{i + 1}") for i in range(1, lanes)]
-            for lane_copy in copies[1:]:
-                shutil.copytree(copy, lane_copy, symlinks=True)
+            page_copies = [copy.with_name(f"{copy.name}-{page.stem}") for page, _ in per_page[1:]]
+            for page_copy in page_copies:  # before any page runs: each starts from the first page's state
+                shutil.copytree(copy, page_copy, symlinks=True)
 
-            def lane(lane_copy: Path) -> list[Result]:
-                done: list[Result] = []
-                while True:
-                    with take:
-                        if not queue:
-                            return done
-                        _, page_cmds = queue.popleft()
-                    done += run_commands(page_cmds, lane_copy, env, out, servers)
+            def run_page(index: int) -> list[Result]:
+                (page, page_cmds), page_copy = per_page[index + 1], page_copies[index]
+                done = run_commands(page_cmds, page_copy, env, out, servers)
+                return done + [status_check(page_copy, made, out, f"git status ({page.name})")]
 
             with ThreadPoolExecutor(lanes) as pool:
-                for lane_results in pool.map(lane, copies):
-                    results += lane_results
-        results += [status_check(c, made, out, "git status" if i == 0 else f"git status (lane {i + 1})")
-                    for i, c in enumerate(copies)]
+                for page_results in pool.map(run_page, range(len(page_copies))):
+                    results += page_results
     finally:
         if owned:
             shutil.rmtree(work, ignore_errors=True)
@@ -391,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the copy in this (new or empty) folder instead of a temporary one that is removed")
     parser.add_argument("--list", action="store_true", help="list the commands and their markers; run nothing")
     parser.add_argument("--lanes", type=int, default=2,
-                        help="after the first page, run the other pages in this many copies at once (1: all in order "
-                             "in one copy)")
+                        help="after the first page, run this many of the other pages at once, each in its own copy of "
+                             "the first page's state (1: every page in order in one copy)")
     return parser
 
 
