@@ -6,8 +6,11 @@
 The pages' ```bash (also sh, shell), ```console (`$ ` lines) and ```python blocks run in a fresh copy
 of the working tree (tracked files and untracked ones git does not ignore, as they are now, committed
 into a throwaway git repository in a temporary folder; `../shared` is linked beside it, as in CI).
-Each command runs through bash in the copy's root, in page order, so a page may use what an earlier
-one made (the quickstart's runs/shapes). Nothing is written into this repository.
+Each command runs through bash in the copy's root, in page order. The first page (README.md) runs
+alone; every other page then runs in its own copy of what the first page made (the quickstart's
+runs/shapes), --lanes pages at once (default 2): a page may use what the README made, never what
+another page made, so each page works for a newcomer who read the README and then that page.
+--lanes 1 runs every page in order in one copy. Nothing is written into this repository.
 
 The one change to the commands: every `python train.py ...` (behind env assignments, `nice`,
 `timeout` too) gets TINY appended, so each training is 2 steps of a small model at the config's
