@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .cli.args import BadType, BadValue
 from .errors import preview
 from .sampling.autoguide import Autoguidance, pairing_table, plain, refuse_mismatch
@@ -36,20 +34,21 @@ def load_guide(pipe: GuidedDiffusionPipeline, value: Any, cache: dict[str, Any])
     return guide
 
 
-def pairing_table_of(pipe: GuidedDiffusionPipeline) -> dict[str, Any]:
-    """sampling.autoguide.pairing_table of an exported pipeline (its U-Net config; the class count without
-    the null class CFG training adds)."""
+def pairing_table_of(pipe: GuidedDiffusionPipeline, schedule) -> dict[str, Any]:
+    """sampling.autoguide.pairing_table of an exported pipeline (its U-Net config and `schedule`; the class
+    count without the null class CFG training adds)."""
     config = pipe.unet.config
     condition = "text" if pipe.text_encoder is not None else ("class" if config.get("num_class_embeds") else "none")
     return pairing_table(resolution=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
-                         formulation=pipe.schedule().formulation, condition=condition,
+                         formulation=schedule.formulation, condition=condition,
                          classes=(config.num_class_embeds - 1) if condition == "class" else None)
 
 
 def check_pipelines(main: GuidedDiffusionPipeline, guide: GuidedDiffusionPipeline) -> None:
     """check_pair's table on exported pipelines: resolution, channels, formulation, condition, classes, noise levels."""
-    refuse_mismatch(pairing_table_of(main), pairing_table_of(guide), main.schedule(), guide.schedule(), "autoguide",
-                    BadValue)
+    main_schedule, guide_schedule = main.schedule(), guide.schedule()
+    refuse_mismatch(pairing_table_of(main, main_schedule), pairing_table_of(guide, guide_schedule), main_schedule,
+                    guide_schedule, "autoguide", BadValue)
 
 
 def guided(main: GuidedDiffusionPipeline, guide: GuidedDiffusionPipeline, unet_fn, labels, prompts, batch: int,

@@ -115,9 +115,10 @@ def _checkpoint_table(loaded: LoadedModel) -> dict[str, Any]:
              "model.upsample (low-res input channels)": cfg.model.upsample}
     if cfg.model.upsample:
         table["upsample.factor"] = cfg.upsample.factor
-    table.update(shared)
-    if cfg.diffusion.formulation == "ddpm":
-        table.update({f"diffusion.{key}": getattr(cfg.diffusion, key) for key in ("num_train_timesteps", "beta_schedule")})
+    for what, value in shared.items():  # ddpm's timesteps and betas right after the formulation, as before
+        table[what] = value
+        if what == "diffusion.formulation" and value == "ddpm":
+            table.update({f"diffusion.{key}": getattr(cfg.diffusion, key) for key in ("num_train_timesteps", "beta_schedule")})
     return table
 
 
