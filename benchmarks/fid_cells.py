@@ -75,3 +75,13 @@ def metric(report: dict, name: str) -> tuple[float | None, float | None, float |
         return value, value - std, value + std
     lo, hi = report.get(f"{name}_ci95") or (None, None)
     return report.get(name), lo, hi
+
+
+def fmt(value: tuple, scale: float = 1.0, digits: int = 3) -> str:
+    """A metric's (value, lo, hi) as "v [lo, hi]", scaled; "n/a" when the report lacks it."""
+    v, lo, hi = value
+    if v is None:
+        return "n/a"
+    if lo is None or hi is None:
+        return f"{scale * v:.{digits}f}"
+    return f"{scale * v:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"

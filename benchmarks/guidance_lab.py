@@ -35,8 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fid_cells import METRICS, CellFailed, fid_command, metric, run_fid, shown  # noqa: E402  (torch-free)
+from benchmarks.fid_cells import METRICS, CellFailed, fid_command, fmt, metric, run_fid, shown  # noqa: E402  (torch-free)
 from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torch-free)
+from diffusion.errors import UserError  # noqa: E402  (torch-free)
 
 METHODS = ("unguided", "cfg", "cfg-interval", "auto-early", "auto-small", "classifier", "uncond", "uncond-auto-small")
 DEFAULT_SCALES = {"unguided": "1", "cfg": "1.5,2,3", "cfg-interval": "2,3,4", "auto-early": "1.5,2,3",
@@ -97,7 +98,7 @@ def method_options(args: argparse.Namespace, method: str, scale: float) -> list[
     if method == "uncond-auto-small":
         return None if not args.small_guide else ["--unconditional", "--autoguide", args.small_guide,
                                                   "--guidance-scale", w]
-    raise SystemExit(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    raise UserError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
 def run_cell(args: argparse.Namespace, method: str, scale: float, options: list[str]) -> dict:
@@ -124,22 +125,13 @@ def cells(args: argparse.Namespace) -> list[tuple[str, float, list[str]]]:
     out = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         if method not in METHODS:
-            raise SystemExit(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+            raise UserError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
         for text in getattr(args, f"scales_{method.replace('-', '_')}").split(","):
             scale = float(text)
             options = method_options(args, method, scale)
             if options is not None:
                 out.append((method, scale, options))
     return out
-
-
-def fmt(value: tuple, scale: float = 1.0, digits: int = 3) -> str:
-    v, lo, hi = value
-    if v is None:
-        return "n/a"
-    if lo is None or hi is None:
-        return f"{scale * v:.{digits}f}"
-    return f"{scale * v:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:

@@ -190,6 +190,27 @@ def test_the_server_is_bounded_where_gradio_bounds_it(served, tmp_path):
     assert response.status_code == 413 or "maximum" in response.text.lower(), response.text[:200]
 
 
+def test_uploads_are_limited_per_address_and_in_total_space(served, pictures, monkeypatch):
+    """gradio's /upload stores files before any handler runs: a client looping on it is answered 429 after
+    UPLOADS_PER_MINUTE, and nobody can fill the disk past UPLOAD_SPACE (the demo's own middleware)."""
+    monkeypatch.setattr(L, "UPLOADS_PER_MINUTE", 3)
+    L.RECENT_UPLOADS.clear()
+    try:
+        for _ in range(3):
+            upload(served, pictures["small"])
+        with open(pictures["small"], "rb") as f:
+            refused = served.client.post("/gradio_api/upload", files={"files": ("a.png", f, "image/png")})
+        assert refused.status_code == 429 and "too many uploads" in refused.text, refused.text
+        L.RECENT_UPLOADS.clear()
+        monkeypatch.setattr(L, "UPLOAD_SPACE", L.folder_bytes(served.cache) + 10)
+        with open(pictures["small"], "rb") as f:
+            full = served.client.post("/gradio_api/upload", files={"files": ("a.png", f, "image/png")})
+        assert full.status_code == 429 and "upload space" in full.text, full.text
+        assert served.client.get("/gradio_api/info").status_code == 200  # other routes are untouched
+    finally:
+        L.RECENT_UPLOADS.clear()
+
+
 def test_request_folders_go_after_each_response_and_what_is_served_is_on_the_cache_schedule(served, pictures):
     background, layer, low = (upload(served, pictures[n]) for n in ("small", "layer", "small"))
     for api, data in [("on_generate", BASE), ("on_inpaint", [editor(background, [layer]), *INPAINT]),

@@ -171,3 +171,35 @@ def test_inpaint_takes_any_editor_payload_with_a_result_or_a_message(demo, pictu
         assert all(s == size for s, _ in layers) and any(p for _, p in layers)
         assert {Path(f).name for f in files} == {"sample_0000.png", "image.png", "mask.png"}
         assert "--image image.png --mask mask.png" in command
+
+
+@given(events=st.lists(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "::1"]), st.floats(0, 5),
+                                 st.integers(-5, 400)), max_size=40),
+       per_minute=st.integers(1, 4), space=st.integers(0, 1000))
+def test_uploads_take_at_most_the_rate_per_address_and_never_pass_the_space(events, per_minute, space, tmp_path_factory):
+    """Generated upload sequences (address, seconds since the last upload, bytes) against an exact oracle: an
+    upload is taken iff its address took fewer than UPLOADS_PER_MINUTE in the trailing 60 s and the folder
+    plus its bytes stay within UPLOAD_SPACE; every refusal is one line saying what to do."""
+    folder = tmp_path_factory.mktemp("uploads")
+    saved = L.UPLOADS_PER_MINUTE, L.UPLOAD_SPACE
+    L.UPLOADS_PER_MINUTE, L.UPLOAD_SPACE = per_minute, space
+    L.RECENT_UPLOADS.clear()
+    try:
+        now, taken, stored = 1000.0, [], 0
+        for index, (client, gap, size) in enumerate(events):
+            now += gap * 20
+            window = [t for c, t in taken if c == client and now - t < 60]
+            expected = len(window) < per_minute and stored + max(size, 0) <= space
+            refusal = L.upload_refusal(client, size, folder, now=now)
+            assert (refusal is None) == expected, (index, refusal)
+            if refusal is None:
+                taken.append((client, now))
+                if size > 0:  # what gradio then stores
+                    (folder / f"{index}.bin").write_bytes(b"\0" * size)
+                    stored += size
+            else:
+                assert "\n" not in refusal and ("wait a minute" in refusal or "upload again then" in refusal), refusal
+        assert len(L.RECENT_UPLOADS) <= 3
+    finally:
+        L.UPLOADS_PER_MINUTE, L.UPLOAD_SPACE = saved
+        L.RECENT_UPLOADS.clear()

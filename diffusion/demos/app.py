@@ -325,7 +325,8 @@ def launch(demo, host: str, port: int, block: bool = True):
     L.delete_served_files(demo)  # uploads and served results, also when the process ends without a clean close
     try:
         return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, show_error=False,
-                           ssr_mode=False, prevent_thread_lock=not block, quiet=not block, css=CSS)
+                           app_kwargs={"middleware": L.upload_middleware()}, ssr_mode=False,
+                           prevent_thread_lock=not block, quiet=not block, css=CSS)
     except (OSError, OverflowError) as err:  # checked in main() already; a port taken meanwhile lands here
         raise B.UserError(f"cannot serve on {host} port {port}: {B.first_line(err)}: pass another --port") from None
 

@@ -15,10 +15,13 @@ import atexit
 import errno
 import functools
 import html
+import os
 import math
 import re
 import shutil
 import socket
+import time
+from collections import deque
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -38,6 +41,8 @@ MAX_TEXT = 1000  # characters of a prompt or negative prompt
 QUEUE_SIZE = 16  # requests waiting; more are refused by gradio ("queue is full")
 CONCURRENCY = 1  # requests sampling at once (Generate, In-paint and Upscale share the models)
 DELETE_CACHE = (60, 300)  # gradio deletes uploads and served results older than 300 s, every 60 s, and all at exit
+UPLOADS_PER_MINUTE = 60  # uploads one client address may send in any 60 s; more are answered 429
+UPLOAD_SPACE = 2**30  # bytes gradio's folder may hold (all clients): an upload that would pass it is answered 429
 ANY_CLASS = -1  # the class dropdown's "any (cycle through the classes)"
 
 
@@ -388,3 +393,70 @@ def serve_copies(component, paths: Iterable[str | Path]) -> list[str]:
     """Copy a response's files into gradio's cache (which delete_cache empties) so that the request
     folder can be deleted before the response leaves."""
     return [component.move_resource_to_block_cache(str(p)) for p in paths]
+
+
+# -- gradio's /upload route, which stores files before any handler runs -----------------------------------------
+RECENT_UPLOADS: dict[str, deque] = {}  # client address -> the times of its uploads in the last minute
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the files under `folder` (0 when it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # deleted meanwhile by delete_cache
+                pass
+    return total
+
+
+def upload_refusal(client: str, incoming: int, folder: str | Path, now: float | None = None) -> str | None:
+    """Why an upload of `incoming` bytes from `client` is refused (None: take it, and count it): more than
+    UPLOADS_PER_MINUTE from one address, or gradio's folder would pass UPLOAD_SPACE."""
+    now = time.monotonic() if now is None else now
+    for address in list(RECENT_UPLOADS):  # forget addresses quiet for a minute (the table stays small)
+        times = RECENT_UPLOADS[address]
+        while times and now - times[0] >= 60:
+            times.popleft()
+        if not times:
+            del RECENT_UPLOADS[address]
+    if len(RECENT_UPLOADS.get(client, ())) >= UPLOADS_PER_MINUTE:
+        return f"too many uploads: at most {UPLOADS_PER_MINUTE} a minute from one address; wait a minute and upload again"
+    if folder_bytes(folder) + max(incoming, 0) > UPLOAD_SPACE:
+        return (f"the demo's upload space ({UPLOAD_SPACE // 2**20} MB) is full: uploads are deleted after "
+                f"{DELETE_CACHE[1] // 60} minutes; upload again then")
+    RECENT_UPLOADS.setdefault(client, deque()).append(now)
+    return None
+
+
+class UploadBudget:
+    """ASGI middleware in front of gradio's POST .../upload: answers 429 with `upload_refusal`'s reason
+    before the body is read. (max_file_size bounds one file; this bounds how many, and all of them.)"""
+
+    def __init__(self, app, folder: Callable[[], str] | None = None):
+        self.app = app
+        self.folder = folder
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path", "").rstrip("/").endswith("/upload"):
+            from gradio.utils import get_upload_folder
+
+            headers = dict(scope.get("headers") or ())
+            length = headers.get(b"content-length", b"0")
+            incoming = int(length) if length.isdigit() else 0
+            client = (scope.get("client") or ("unknown", 0))[0]
+            refusal = upload_refusal(client, incoming, (self.folder or get_upload_folder)())
+            if refusal:
+                from starlette.responses import PlainTextResponse
+
+                await PlainTextResponse(refusal, status_code=429)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def upload_middleware() -> list:
+    """launch(app_kwargs={"middleware": ...}): the upload budget in front of every route."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(UploadBudget)]
