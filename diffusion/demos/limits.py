@@ -434,9 +434,8 @@ class UploadBudget:
     """ASGI middleware in front of gradio's POST .../upload: answers 429 with `upload_refusal`'s reason
     before the body is read. (max_file_size bounds one file; this bounds how many, and all of them.)"""
 
-    def __init__(self, app, folder: Callable[[], str] | None = None):
+    def __init__(self, app):
         self.app = app
-        self.folder = folder
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path", "").rstrip("/").endswith("/upload"):
@@ -446,7 +445,7 @@ class UploadBudget:
             length = headers.get(b"content-length", b"0")
             incoming = int(length) if length.isdigit() else 0
             client = (scope.get("client") or ("unknown", 0))[0]
-            refusal = upload_refusal(client, incoming, (self.folder or get_upload_folder)())
+            refusal = upload_refusal(client, incoming, get_upload_folder())
             if refusal:
                 from starlette.responses import PlainTextResponse
 
