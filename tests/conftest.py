@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# pytest-xdist's workers (pyproject's addopts: -n 2) share the cores: one thread each, else two.
+# pytest-xdist's workers (pyproject's addopts: -n auto) share the cores: one thread each, else two.
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 TINY = [

@@ -211,6 +211,26 @@ def test_uploads_are_limited_per_address_and_in_total_space(served, pictures, mo
         L.RECENT_UPLOADS.clear()
 
 
+def test_behind_a_reverse_proxy_on_this_machine_uploads_are_counted_per_forwarded_client(served, pictures, monkeypatch):
+    """A proxy on this machine (a connection from 127.0.0.1) names each client in X-Forwarded-For; uvicorn, which
+    gradio serves with, trusts that header from 127.0.0.1 only (FORWARDED_ALLOW_IPS for a proxy elsewhere), so
+    two clients behind one proxy get a budget each rather than sharing the proxy's."""
+    monkeypatch.setattr(L, "UPLOADS_PER_MINUTE", 2)
+    L.RECENT_UPLOADS.clear()
+
+    def post(forwarded_for: str) -> int:
+        with open(pictures["small"], "rb") as f:
+            return served.client.post("/gradio_api/upload", files={"files": ("a.png", f, "image/png")},
+                                      headers={"X-Forwarded-For": forwarded_for}).status_code
+
+    try:
+        assert [post("203.0.113.5") for _ in range(3)] == [200, 200, 429]
+        assert post("203.0.113.6") == 200  # another client behind the same proxy
+        assert {"203.0.113.5", "203.0.113.6"} <= set(L.RECENT_UPLOADS)
+    finally:
+        L.RECENT_UPLOADS.clear()
+
+
 def test_request_folders_go_after_each_response_and_what_is_served_is_on_the_cache_schedule(served, pictures):
     background, layer, low = (upload(served, pictures[n]) for n in ("small", "layer", "small"))
     for api, data in [("on_generate", BASE), ("on_inpaint", [editor(background, [layer]), *INPAINT]),

@@ -124,6 +124,24 @@ def test_lanes_run_each_other_page_in_its_own_copy_of_the_first_pages_state(tmp_
         assert sorted(f.name for f in (work / f"repo-{name}" / "runs").iterdir()) == sorted(["base.txt", f"{name}.txt"])
 
 
+def test_lanes_take_the_page_with_most_commands_first(tmp_path):
+    """Lanes are fed the pages with the most commands that run first (skipped ones do not count; ties keep
+    page order), and the results still come back in page order."""
+    repo = toy_repo(tmp_path, "# toy\n")
+    (repo / "docs").mkdir()
+    pages = {"a": "```bash\ntrue\n```\n", "b": "```bash\ntrue\ntrue\ntrue\n```\n",
+             "c": "<!-- docs-runner: skip: hours -->\n```bash\ntrue\ntrue\ntrue\ntrue\n```\n```bash\ntrue\n```\n",
+             "d": "```bash\ntrue\ntrue\n```\n"}
+    for name, text in pages.items():
+        (repo / "docs" / f"{name}.md").write_text(text)
+    per_page = [(page, run_docs.page_commands(page, repo)) for page in sorted((repo / "docs").glob("*.md"))]
+    assert run_docs.lane_order(per_page) == [1, 3, 0, 2]  # b (3 run), d (2), then a and c (1 each, page order)
+    results = run_docs.run_pages([repo / "README.md", *(page for page, _ in per_page)], repo, tmp_path / "work",
+                                 out=io.StringIO(), lanes=2)
+    assert [r.command.where.split(":")[0] for r in results if r.status == "PASS" and "git" not in r.command.where] \
+        == ["docs/a.md", *["docs/b.md"] * 3, "docs/c.md", *["docs/d.md"] * 2]
+
+
 def test_unknown_marker_is_refused(tmp_path):
     repo = toy_repo(tmp_path, "<!-- docs-runner: sometimes -->\n```bash\ntrue\n```\n")
     with pytest.raises(SystemExit, match="unknown docs-runner marker 'sometimes'"):
