@@ -40,8 +40,9 @@ from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torc
 from diffusion.errors import UserError  # noqa: E402  (torch-free)
 
 METHODS = ("unguided", "cfg", "cfg-interval", "auto-early", "auto-small", "classifier", "uncond", "uncond-auto-small")
-DEFAULT_SCALES = {"unguided": "1", "cfg": "1.5,2,3", "cfg-interval": "2,3,4", "auto-early": "1.5,2,3",
-                  "auto-small": "1.5,2,3", "classifier": "1,2,4", "uncond": "0", "uncond-auto-small": "1.5,2,3"}
+# each method's sweep on the 16 px edm twin (Heun 18) up to where its FID turned up (docs/guidance.md)
+DEFAULT_SCALES = {"unguided": "1", "cfg": "1.5,2,3,4,5", "cfg-interval": "2,3,4,5", "auto-early": "1.5,2,3,4",
+                  "auto-small": "1.5,2,3", "classifier": "1,2,3,4", "uncond": "0", "uncond-auto-small": "1.5,2"}
 
 
 def build_parser() -> argparse.ArgumentParser:
