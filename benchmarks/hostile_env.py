@@ -104,11 +104,13 @@ def picture(path: Path, value: int, size: tuple[int, int] = (12, 12), mode: str 
     return path
 
 
-def build_env(root: Path) -> Env:
-    """Train the shared tiny run (4 steps) and write the image files."""
+def build_env(root: Path, trained: Path | None = None) -> Env:
+    """Train the shared tiny run (4 steps), or copy `trained` (the same run, made already), and write the image files."""
     env = Env(root)
     files = root / "files"
     files.mkdir(parents=True, exist_ok=True)
+    if trained is not None and not env.run.exists():
+        shutil.copytree(trained, env.run)
     if not (env.run / "final").is_dir():
         subprocess.run([sys.executable, "train.py", "configs/shapes.yaml", *TINY, "train.max_steps=4",
                         f"output_dir={env.run}"], cwd=ROOT, check=True, capture_output=True,

@@ -36,8 +36,8 @@ ENTRY = {"train": train_cli.main, "sample": sample_cli.main, "evaluate": evaluat
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> Env:
-    return build_env(tmp_path_factory.mktemp("hostile"))
+def env(tmp_path_factory, tiny_run) -> Env:
+    return build_env(tmp_path_factory.mktemp("hostile"), trained=tiny_run)  # tiny_run: the same 4-step run
 
 
 def run_in_process(case: Case, env: Env, folder: Path, capsys) -> Result:

@@ -1,12 +1,9 @@
 """Post-hoc EMA (issue 32): the power-function profiles tracked in training, their snapshots across
-kills and ranks, the least-squares reconstruction (EDM2's Algorithm 3) and its refusals; and
+kills (ranks: tests/test_training.py), the least-squares reconstruction (EDM2's Algorithm 3) and its refusals; and
 train.keep_checkpoint_steps (issue 31)."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from diffusion.ema.reconstruct import parse_sigma_rels, reconstruct
 from diffusion.errors import UserError
 from diffusion.training import phema
 from diffusion.training.trainer import Trainer, train
-from tests.conftest import ROOT, TINY, cli_result, tiny_config
+from tests.conftest import cli_result, tiny_config
 
 POSTHOC = ["train.posthoc_ema=true", "train.posthoc_ema_every=2", "train.checkpoint_every=4"]
 
@@ -228,22 +225,3 @@ def test_resume_refuses_other_profiles(runs, tmp_path):
     with pytest.raises(UserError, match=r"resume with train.posthoc_ema_sigma_rels=\[0.05, 0.1\]"):
         trainer.load_checkpoint(ckpt.list_checkpoints(copy)[-1])
     trainer.release_run()
-
-
-@pytest.mark.slow
-def test_two_processes_write_each_snapshot_once(tmp_path):
-    """torchrun, two CPU ranks (gloo): rank 0 alone tracks and writes; a second writer would find the
-    snapshot written (write_snapshot refuses to rewrite one) and fail the run."""
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-         "configs/shapes.yaml", *TINY, "train.max_steps=4", "train.posthoc_ema=true", "train.posthoc_ema_every=2",
-         f"output_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = phema.snapshot_steps(tmp_path, complete=False)
-    assert [s for s, _ in found] == [2, 4]
-    assert not [p for p in phema.snapshot_root(tmp_path).iterdir() if p.name.startswith(".")]
-    for _, path in found:
-        assert ckpt._read_info_json(path)["process_index"] == 0
-    assert done.stdout.count("post-hoc EMA: sigma_rel") == 1

@@ -103,26 +103,37 @@ def test_compiled_run_saves_bare_names_samples_and_resumes_uncompiled(tmp_path):
     assert ckpt.read_info(ckpt.list_checkpoints(compiled)[-1]).step == 6
 
 
-def test_two_process_run_resumes_exactly(tmp_path):
+def test_two_process_run_resumes_exactly_with_one_snapshot_writer(tmp_path):
     """The multi-GPU path (accelerate + DDP), run as two CPU processes with torchrun and gloo. Each
-    rank's RNG state and the data position are saved, so stopping at step 2 and resuming to step 4
-    gives the uninterrupted run's losses and weights."""
-    def launch(out, steps, *extra):
+    rank's RNG state and the data position are saved, so resuming the step-2 checkpoint to step 4
+    gives the uninterrupted run's losses and weights. Post-hoc EMA is on: rank 0 alone tracks and
+    writes its snapshots (a second writer would find a snapshot written and fail the run)."""
+    from diffusion.training import phema
+
+    def launch(out, *extra):
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-             "configs/shapes.yaml", *TINY, f"train.max_steps={steps}", f"output_dir={out}", *extra],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             "configs/shapes.yaml", *TINY, "train.max_steps=4", "train.posthoc_ema=true", "train.posthoc_ema_every=2",
+             f"output_dir={out}", *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    launch(straight, 4)
-    launch(split, 2)
-    assert (split / "checkpoints" / "step-000002" / "accelerate" / "random_states_1.pkl").is_file()
-    assert "at step 2" in launch(split, 4, "--resume", "auto").stdout
-    losses = [[line.split(",")[:2] for line in (run / "metrics.csv").read_text().splitlines()[1:]] for run in (straight, split)]
-    assert losses[0] == losses[1] and len(losses[0]) == 4
-    a, b = (load_file(str(run / "final" / ckpt.EMA_FILE)) for run in (straight, split))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = launch(straight)
+    step2 = straight / "checkpoints" / "step-000002"
+    assert (step2 / "accelerate" / "random_states_1.pkl").is_file()
+    found = phema.snapshot_steps(straight, complete=False)
+    assert [s for s, _ in found] == [2, 4]
+    assert not [p for p in phema.snapshot_root(straight).iterdir() if p.name.startswith(".")]
+    assert all(ckpt._read_info_json(path)["process_index"] == 0 for _, path in found)
+    assert done.stdout.count("post-hoc EMA: sigma_rel") == 1
+
+    assert "at step 2" in launch(resumed, "--resume", str(step2)).stdout
+    rows = [[line.split(",")[:2] for line in (run / "metrics.csv").read_text().splitlines()[1:]] for run in (straight, resumed)]
+    assert len(rows[0]) == 4 and rows[1] == rows[0][2:]
+    a, b = (load_file(str(run / "final" / ckpt.EMA_FILE)) for run in (straight, resumed))
     for name in a:
         torch.testing.assert_close(a[name], b[name])
 
