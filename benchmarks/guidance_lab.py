@@ -40,9 +40,11 @@ from diffusion.cli.help_format import DefaultsHelpFormatter  # noqa: E402  (torc
 from diffusion.errors import UserError  # noqa: E402  (torch-free)
 
 METHODS = ("unguided", "cfg", "cfg-interval", "auto-early", "auto-small", "classifier", "uncond", "uncond-auto-small")
-# each method's sweep on the 16 px edm twin (Heun 18) up to where its FID turned up (docs/guidance.md)
-DEFAULT_SCALES = {"unguided": "1", "cfg": "1.5,2,3,4,5", "cfg-interval": "2,3,4,5", "auto-early": "1.5,2,3,4",
-                  "auto-small": "1.5,2,3", "classifier": "1,2,3,4", "uncond": "0", "uncond-auto-small": "1.5,2"}
+# each method's sweep on the 16 px edm twin (Heun 18) up to where its FID turned up, or levelled off (classifier;
+# docs/guidance.md)
+DEFAULT_SCALES = {"unguided": "1", "cfg": "1.5,2,3,4,5", "cfg-interval": "2,3,4,5,6", "auto-early": "1.5,2,3,4",
+                  "auto-small": "1.5,2,3", "classifier": "1,2,3,4,6,8,12,16,24",
+                  "uncond": "0", "uncond-auto-small": "1.5,2"}
 
 
 def build_parser() -> argparse.ArgumentParser:
